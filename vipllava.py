@@ -132,6 +132,68 @@ class VipLlava(nn.Module):
         x = self.embed(input_ids, pixel_values)
         return self.language_model(inputs_embeds=x, attention_mask=attention_mask, last_only=last_only)
 
+    @torch.inference_mode()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 eos_token_id=None, stop_strings=None, seed=None, streamer=None, tokenizer=None):
+        """New token ids (B, N): one prefill, then one token per step through the KV cache.
+
+        Greedy when temperature is 0. Rows stop on their own (EOS, kept in the output as transformers
+        does, or a stop string, cut from it); finished rows are padded. `stop_strings` and `streamer`
+        (a callable fed row 0's text as it becomes final) need `tokenizer` (the processor).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if (stop_strings or streamer) and tokenizer is None:
+            raise ValueError("stop_strings and streamer need tokenizer= (a VipLlavaProcessor) to read the text")
+        B, T = input_ids.shape
+        lm, context = self.language_model, self.config.text_config.max_position_embeddings
+        if T + max_new_tokens > context:
+            raise ValueError(f"the prompt has {T} tokens; with max_new_tokens={max_new_tokens} that is {T + max_new_tokens}, "
+                             f"more than the model's context of {context}: shorten the prompt or lower max_new_tokens")
+        device = lm.lm_head.weight.device
+        input_ids = input_ids.to(device)
+        eos = torch.tensor(eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id,
+                           device=device).flatten()
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else int(eos[0])
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        mask = None  # no padding: no mask tensor, so SDPA may take its flash path
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
+            mask[:, :T] = attention_mask
+        stops = StopStrings(tokenizer, stop_strings or [], B) if tokenizer is not None else None
+
+        lm.setup_cache(B, T + max_new_tokens)
+        try:
+            pv = None if pixel_values is None else pixel_values.to(device)
+            logits = lm(inputs_embeds=self.embed(input_ids, pv), attention_mask=None if mask is None else mask[:, :T],
+                        last_only=True)[:, -1]  # (B, vocab)
+            seen, done, out = input_ids, torch.zeros(B, dtype=torch.bool, device=device), []
+            for step in range(max_new_tokens):
+                logits = logits.float()
+                if repetition_penalty != 1.0:
+                    logits = penalize_repetition(logits, seen, repetition_penalty)
+                token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                token = torch.where(done, pad, token)
+                out.append(token)
+                done |= torch.isin(token, eos)
+                if stops is not None:
+                    done |= torch.tensor(stops.update(token.tolist(), done.tolist(), streamer), device=device)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                if repetition_penalty != 1.0:
+                    seen = torch.cat([seen, token[:, None]], dim=1)
+                logits = lm(token[:, None], attention_mask=None if mask is None else mask[:, :T + step + 1],
+                            input_pos=T + step)[:, -1]
+        finally:
+            lm.remove_cache()
+        new = torch.stack(out, dim=1)  # (B, N)
+        if stops is not None:
+            new = stops.cut(new, pad)
+            if streamer:
+                streamer(stops.flush())
+        return new
+
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, verbose: bool = True) -> "VipLlava":
         """Load a checkpoint folder or hub id. dtype None: float32 on CPU, the checkpoint's dtype elsewhere."""
@@ -147,3 +209,85 @@ class VipLlava(nn.Module):
             model = cls(config)
         weights.load_weights(model, folder, dtype, device, check=config.check_projector_shape, verbose=verbose)
         return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------- sampling
+def penalize_repetition(logits, seen, penalty: float):
+    """transformers' rule: scores of tokens already in the sequence are divided by penalty (x if < 0)."""
+    score = logits.gather(1, seen)  # (B, S)
+    return logits.scatter(1, seen, torch.where(score < 0, score * penalty, score / penalty))
+
+
+def sample(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None):
+    """(B, vocab) float32 logits -> (B,) token ids. temperature 0: greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:  # keep the k most likely
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # the tokens before this one already reach top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+class StopStrings:
+    """Decodes each row as it grows, finds stop strings, and streams row 0 without ever printing
+    a stop string or half of a multi-byte character."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], batch: int):
+        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+        self.ids = [[] for _ in range(batch)]
+        self.cut_at = [None] * batch  # number of tokens kept where a stop string was found
+        self.closed = [False] * batch  # rows that need no more decoding
+        self.text, self.sent = "", 0  # row 0's text so far, and how much of it was streamed
+
+    def update(self, tokens: list[int], done: list[bool], streamer=None) -> list[bool]:
+        """Add one token per row (done: rows finished before or by this token); which rows hit a stop string."""
+        hit = [False] * len(tokens)
+        for b, token in enumerate(tokens):
+            if self.closed[b]:
+                continue
+            self.closed[b] = done[b]
+            self.ids[b].append(token)
+            if not self.stop_strings and not (b == 0 and streamer):
+                continue
+            text = self.tokenizer.decode(self.ids[b], skip_special_tokens=True)
+            found = [text.find(s) for s in self.stop_strings if s in text]
+            if found:
+                end = min(found)
+                keep = len(self.ids[b])  # the longest prefix of tokens whose text ends before the stop string
+                while keep and len(self.tokenizer.decode(self.ids[b][:keep], skip_special_tokens=True)) > end:
+                    keep -= 1
+                hit[b], self.closed[b], self.cut_at[b], text = True, True, keep, text[:end]
+            if b == 0:
+                self.text = text
+                final = len(text) if self.closed[0] else self.final_length(text)
+                if streamer and final > self.sent:
+                    streamer(text[self.sent:final])
+                    self.sent = final
+        return hit
+
+    def final_length(self, text: str) -> int:
+        """How much of row 0 cannot change: hold back a possible start of a stop string, and a
+        character whose bytes have not all arrived (decoded as U+FFFD for now)."""
+        n = len(text.rstrip("\ufffd"))
+        for s in self.stop_strings:
+            for k in range(min(len(s) - 1, n), 0, -1):
+                if text[:n].endswith(s[:k]):
+                    n = min(n, len(text[:n]) - k)
+                    break
+        return n
+
+    def flush(self) -> str:
+        rest, self.sent = self.text[self.sent:], len(self.text)
+        return rest
+
+    def cut(self, new, pad: int):
+        for b, keep in enumerate(self.cut_at):
+            if keep is not None:
+                new[b, keep:] = pad
+        return new
