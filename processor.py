@@ -1,0 +1,551 @@
+"""From what a user has (image files, a question, a chat) to `input_ids`, `attention_mask`, `pixel_values`,
+and from generated ids back to text. Same names as transformers' `LlavaProcessor`; no transformers inside.
+
+Quirks worth knowing:
+- Images: EXIF orientation first, then RGB as transformers does it (transparency composited onto white),
+  then the CLIP ViT-L/14-336 steps. `image_mode="pad"` (default) first pastes the image centred on a square
+  of the mean colour, as ViP-LLaVA was trained; `"crop"` is transformers' centre crop, which cuts off
+  whatever lies near the long edges of a non-square photo (markers included).
+- Text: the checkpoint's tokenizer.json as it is. Its legacy Llama normalizer gives every text segment a
+  leading "▁", so text right after `<image>` starts with token "▁" (29871 in the real vocabulary).
+  Each `<image>` is expanded to `image_seq_length` (576) copies before tokenizing, as transformers does.
+- Chat: the hub's Jinja template ("vipllava", `###Human: ... ###Assistant:`) written out in Python, and
+  the original training format ("llava_v1", `USER: ... ASSISTANT: ...</s>`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer
+
+import weights
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>", IMAGE_TOKEN)  # what skip_special_tokens drops
+SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# The hub's chat template (chat_template.json of llava-hf/vip-llava-{7b,13b}-hf), verbatim; render_chat
+# reproduces it, so it is only used to recognise it in a checkpoint.
+VIPLLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '###Human: '}}"
+    "{% elif message['role'] == 'assistant' %}{{ '###' + message['role'].title() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ '###Assistant:' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------------------- images
+@dataclass(frozen=True)
+class ImageConfig:
+    shortest_edge: int = 336
+    crop_size: tuple = (336, 336)  # (H, W)
+    resample: int = 3  # PIL bicubic
+    rescale_factor: float = 1 / 255
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageConfig":  # preprocessor_config.json
+        size, crop = d.get("size", {"shortest_edge": 336}), d.get("crop_size", {"height": 336, "width": 336})
+        size = {"shortest_edge": size} if isinstance(size, int) else size
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+        if "shortest_edge" not in size:
+            raise ValueError(f"preprocessor_config.json has size {size}: only {{'shortest_edge': N}} is supported")
+        return cls(size["shortest_edge"], (crop["height"], crop["width"]), d.get("resample", 3),
+                   d.get("rescale_factor", 1 / 255), tuple(d.get("image_mean", CLIP_MEAN)),
+                   tuple(d.get("image_std", CLIP_STD)))
+
+
+def fetch(url: str, timeout: float = 30) -> bytes:
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "vipllava"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
+        raise OSError(f"could not fetch the image {url} ({getattr(e, 'reason', e)}): check the address and the "
+                      f"network, or download the image and pass its path") from e
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image, upright as a viewer shows it (EXIF orientation applied), in whatever mode it has.
+
+    Accepts a path (str or Path), an http(s) URL, a PIL image, or a uint8 numpy array (H, W), (H, W, 1),
+    (H, W, 3) RGB or (H, W, 4) RGBA.
+    """
+    if isinstance(image, np.ndarray):
+        channels = image.shape[2] if image.ndim == 3 else 1
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
+            raise TypeError(f"a numpy image must be uint8 of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got "
+                            f"{image.dtype} {image.shape}: for floats in [0, 1] pass "
+                            f"(x * 255).round().astype(np.uint8)")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and channels == 1 else image)
+    elif isinstance(image, (str, Path)):
+        name = str(image)
+        if name.startswith(("http://", "https://")):
+            source = io.BytesIO(fetch(name))
+        else:
+            source = Path(name).expanduser()
+            if not source.is_file():
+                raise FileNotFoundError(f"no image file {name}: check the path")
+        try:
+            image = Image.open(source)
+            image.load()  # decode now, so that a truncated file fails here and not halfway through a batch
+        except UnidentifiedImageError as e:
+            raise ValueError(f"{name} is not an image file Pillow can read (empty, or not PNG/JPEG/...)") from e
+        except OSError as e:
+            raise ValueError(f"{name} is truncated or damaged ({e}): download or save it again") from e
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"cannot use a {type(image).__name__} as an image: pass a path, a URL, a PIL image or "
+                        f"a numpy array")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image has zero size ({image.width}x{image.height})")
+    # A phone photo is often stored sideways with an EXIF "rotate" tag; apply it so that the model and
+    # any box coordinates see what a viewer shows.
+    return ImageOps.exif_transpose(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as transformers makes it: transparent pixels become white (alpha-composited onto white, not
+    dropped - the original LLaVA code's plain .convert("RGB") keeps their hidden colour, often black).
+    Other modes go through Pillow's convert: L, P and CMYK as expected; I;16 is clipped at 255, not scaled."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, fill: tuple) -> Image.Image:
+    """Paste centred on a square canvas, as ViP-LLaVA's `expand2square` (image_aspect_ratio "pad")."""
+    w, h = image.size
+    side = max(w, h)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+def preprocess(image, mode: str = "pad", config: ImageConfig = ImageConfig()) -> torch.Tensor:
+    """One image -> (3, H, W) float32: RGB, [pad to a square,] resize, centre crop, rescale, normalize."""
+    if mode not in ("pad", "crop"):
+        raise ValueError(f"image_mode must be 'pad' (ViP-LLaVA training) or 'crop' (transformers), got {mode!r}")
+    image = to_rgb(load_image(image))
+    if mode == "pad":
+        image = expand_to_square(image, tuple(int(m * 255) for m in config.image_mean))  # (122, 116, 104)
+    # Shortest edge to `shortest_edge`, the long one floored, exactly as transformers computes it.
+    w, h, s = *image.size, config.shortest_edge
+    size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    image = image.resize(size, resample=config.resample)
+    ch, cw = config.crop_size
+    left, top = (size[0] - cw) // 2, (size[1] - ch) // 2
+    image = image.crop((left, top, left + cw, top + ch))  # outside the image: black, like transformers' zero pad
+    # Same arithmetic as transformers: uint8 -> float64 * scale -> float32, then (x - mean) / std in float32.
+    x = (np.asarray(image).astype(np.float64) * config.rescale_factor).astype(np.float32)  # (H, W, 3)
+    x = (x - np.array(config.image_mean, np.float32)) / np.array(config.image_std, np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+# ---------------------------------------------------------------------------- chat templates
+def message_parts(message, i: int) -> tuple[str, int, str]:
+    """(role, number of images, text) of one message in the transformers format."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in ("system", "user", "assistant"):
+        raise ValueError(f"message {i} has role {role!r}: use 'system', 'user' or 'assistant'")
+    content = message.get("content")
+    # A plain string is taken as one text item (the Jinja template would silently render nothing).
+    content = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    def valid(c):
+        if not isinstance(c, dict):
+            return False
+        return c.get("type") == "image" or c.get("type") == "text" and isinstance(c.get("text"), str)
+
+    if not isinstance(content, list) or not all(valid(c) for c in content):
+        raise ValueError(f"message {i} content must be a string or a list of {{'type': 'image'}} and "
+                         f"{{'type': 'text', 'text': ...}} items, got {content!r}")
+    n_images = sum(c["type"] == "image" for c in content)
+    return role, n_images, "".join(c["text"] for c in content if c["type"] == "text")
+
+
+def render_chat(conversation: list, add_generation_prompt: bool = False, template: str = "vipllava") -> str:
+    """The prompt string. In both formats a message's images come before its text, one "<image>\\n" each.
+
+    "vipllava": the hub template. `###Human: ` before user turns, `###Assistant: ` before assistant turns,
+    nothing before a system message, no separator after a turn.
+    "llava_v1": the original ViP-LLaVA training format, `<system> USER: <q> ASSISTANT: <a></s>USER: ...`;
+    the system text is the conversation's system message, else LLaVA's default `SYSTEM_PROMPT`.
+    """
+    if not conversation:
+        raise ValueError("the conversation is empty: pass a list of messages like "
+                         "[{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': '...'}]}]")
+    parts = [message_parts(m, i) for i, m in enumerate(conversation)]
+    if template == "vipllava":
+        prefix = {"user": "###Human: ", "assistant": "###Assistant: ", "system": ""}
+        prompt = "".join(prefix[role] + "<image>\n" * n + text for role, n, text in parts)
+        return prompt + ("###Assistant:" if add_generation_prompt else "")
+    if template == "llava_v1":
+        system = next((("<image>\n" * n + text) for role, n, text in parts if role == "system"), SYSTEM_PROMPT)
+        turn = {"user": "USER: {} ", "assistant": "ASSISTANT: {}</s>"}  # separators " " and "</s>"
+        turns = "".join(turn[role].format("<image>\n" * n + text) for role, n, text in parts if role != "system")
+        return system + " " + turns + ("ASSISTANT:" if add_generation_prompt else "")
+    raise ValueError(f"unknown chat template {template!r}: use 'vipllava' (the hub's) or 'llava_v1' "
+                     f"(original training)")
+
+
+# ---------------------------------------------------------------------------- the processor
+def read_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): download it again") from e
+
+
+class VipLlavaProcessor:
+    def __init__(self, tokenizer: Tokenizer, image_config: ImageConfig = ImageConfig(), image_seq_length: int = 576,
+                 context_length: int = 2048, image_mode: str = "pad", pad_token: str = "<pad>",
+                 chat_template: str | None = None):
+        if image_mode not in ("pad", "crop"):
+            raise ValueError(f"image_mode must be 'pad' (ViP-LLaVA training) or 'crop' (transformers), "
+                             f"got {image_mode!r}")
+        self.tokenizer, self.image_config, self.image_mode = tokenizer, image_config, image_mode
+        self.image_seq_length, self.context_length, self.chat_template = image_seq_length, context_length, chat_template
+        self.image_token_id, self.pad_token_id = tokenizer.token_to_id(IMAGE_TOKEN), tokenizer.token_to_id(pad_token)
+        if self.image_token_id is None or self.pad_token_id is None:
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} or {pad_token!r} token: use the tokenizer.json "
+                             f"of a VipLlava checkpoint (llava-hf/vip-llava-7b-hf)")
+        self.special_ids = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS} - {None}
+        self.byte_ids = {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-F]{2}>", t)}
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, image_mode: str = "pad") -> "VipLlavaProcessor":
+        folder = weights.resolve(path_or_repo_id, allow_patterns=weights.CONFIG_FILES)
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {folder}: the processor needs the checkpoint's tokenizer")
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as e:
+            raise ValueError(f"{file} does not load as a tokenizer ({str(e).splitlines()[0] if str(e) else e!r}): "
+                             f"download it again") from e
+        config = weights.read_config(folder) if (folder / "config.json").is_file() else {}
+        tokenizer_config = read_json(folder / "tokenizer_config.json")
+        processor_config = read_json(folder / "processor_config.json")
+        special_tokens = read_json(folder / "special_tokens_map.json")
+        pad = special_tokens.get("pad_token") or tokenizer_config.get("pad_token") or "<pad>"
+        image_config = ImageConfig.from_dict(read_json(folder / "preprocessor_config.json"))
+        # The real config.json has no image_seq_length: the vision tower gives (336 / 14)**2 = 576 positions.
+        patch = processor_config.get("patch_size") or config.get("vision_config", {}).get("patch_size", 14)
+        h, w = image_config.crop_size
+        seq = config.get("image_seq_length") or (h // patch) * (w // patch)
+        context = config.get("text_config", {}).get("max_position_embeddings", 2048)  # the Llama default
+        template = (read_json(folder / "chat_template.json").get("chat_template")
+                    or tokenizer_config.get("chat_template") or processor_config.get("chat_template"))
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        processor = cls(tokenizer, image_config, seq, context, image_mode,
+                        pad["content"] if isinstance(pad, dict) else pad, template)
+        if config.get("image_token_index", processor.image_token_id) != processor.image_token_id:
+            raise ValueError(f"config.json says image_token_index {config['image_token_index']} but tokenizer.json has "
+                             f"{IMAGE_TOKEN} = {processor.image_token_id}: the files come from different checkpoints")
+        return processor
+
+    def images_per_text(self, texts: list[str], images) -> list[list]:
+        """Split `images` (None, one image, a flat list in text order, or a list per text) by text."""
+        counts = [t.count(IMAGE_TOKEN) for t in texts]
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        if images and all(isinstance(x, (list, tuple)) for x in images):
+            if len(images) != len(texts):
+                raise ValueError(f"{len(images)} lists of images for {len(texts)} texts: give one list per text")
+            for i, (n, imgs) in enumerate(zip(counts, images)):
+                if n != len(imgs):
+                    raise ValueError(f"text {i} has {n} {IMAGE_TOKEN} token(s) but {len(imgs)} image(s) were given "
+                                     f"for it: put one {IMAGE_TOKEN} in the text per image")
+            return [list(x) for x in images]
+        if sum(counts) != len(images):
+            raise ValueError(f"the text has {sum(counts)} {IMAGE_TOKEN} token(s) but {len(images)} image(s) were "
+                             f"given: put one {IMAGE_TOKEN} in the text per image, in order")
+        ends = np.cumsum([0] + counts)
+        return [images[a:b] for a, b in zip(ends[:-1], ends[1:])]
+
+    def __call__(self, text, images=None, image_mode: str | None = None, return_tensors: str = "pt") -> dict:
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no text: pass a prompt string or a list of them")
+        per_text = self.images_per_text(texts, images)
+        rows = []
+        for i, t in enumerate(texts):
+            # As transformers does: expand in the string, then tokenize (the post-processor adds <s>).
+            ids = self.tokenizer.encode(t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_length)).ids
+            if len(ids) > self.context_length:
+                raise ValueError(f"prompt {i} is {len(ids)} tokens long once each {IMAGE_TOKEN} is expanded to "
+                                 f"{self.image_seq_length}, more than the model's context of {self.context_length}: "
+                                 f"shorten the text or use fewer images")
+            rows.append(ids)
+        # Pad on the left, so that every row's next token is generated at the same, last, position.
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+        for b, r in enumerate(rows):
+            input_ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+            attention_mask[b, T - len(r):] = 1
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        flat = [image for imgs in per_text for image in imgs]
+        if flat:  # no key at all for text-only input, as in transformers
+            mode = image_mode or self.image_mode
+            out["pixel_values"] = torch.stack([preprocess(x, mode, self.image_config) for x in flat])  # (N, 3, H, W)
+        return out
+
+    def apply_chat_template(self, conversation: list, add_generation_prompt: bool = False,
+                            template: str | None = None) -> str:
+        """The prompt for `conversation` (transformers' message format); see `render_chat` for the templates."""
+        if template is None:
+            if self.chat_template not in (None, VIPLLAVA_CHAT_TEMPLATE):
+                raise ValueError("this checkpoint's chat template is not the ViP-LLaVA one reproduced here: choose a "
+                                 "format with template='vipllava' (hub) or template='llava_v1' (original training)")
+            template = "vipllava"
+        return render_chat(conversation, add_generation_prompt, template)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        # The tokenizer.json decoder applies the Llama rules: "▁" -> " ", bytes fused into UTF-8 characters,
+        # and one leading space dropped from the start of the text.
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Feed generated ids one at a time; `push` returns the text that became final (often ""), `flush`
+    the rest at the end (call it: a last newline byte is held until then). The pieces joined equal
+    `decode` of all the ids.
+
+    A run of byte-fallback tokens (<0xE7> <0x8C> <0xAB> = "猫") is decoded as a whole - and as one U+FFFD
+    per byte if the run is not valid UTF-8 - so its text is final only once a token that is not a byte
+    ends the run. Each step then decodes a short window from the last emitted boundary, without and with
+    the new ids, and emits the difference; the window keeps the leading-space rules right.
+    """
+
+    def __init__(self, processor: VipLlavaProcessor, skip_special_tokens: bool = True):
+        self.processor, self.skip = processor, skip_special_tokens
+        self.ids, self.prefix, self.read = [], 0, 0  # window start, end of the emitted part
+
+    def step(self) -> str:
+        before = self.processor.decode(self.ids[self.prefix:self.read])
+        after = self.processor.decode(self.ids[self.prefix:])
+        if len(after) <= len(before):  # e.g. a lone "▁" at the start of the text: nothing to show yet
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def push(self, token_id) -> str:
+        token_id = int(token_id)
+        if self.skip and token_id in self.processor.special_ids:
+            return ""
+        self.ids.append(token_id)
+        return "" if token_id in self.processor.byte_ids else self.step()
+
+    def flush(self) -> str:
+        return self.step()
+
+
+# ---------------------------------------------------------------------------- visual prompts
+# Visual prompts: draw a box, ellipse, triangle, point, arrow, scribble or mask on an image.
+#
+# ViP-LLaVA was trained on images marked by `llava/visual_prompt_generator.py` (original repo),
+# so we draw the same way: on a transparent RGBA overlay that is alpha-composited onto the
+# image, with line widths that scale with max(W, H) / 336 so a mark keeps its trained thickness
+# after the resize to 336. Training drew colour, width and alpha at random; we are deterministic
+# and pick widths inside the trained ranges, alpha 255 for outlines (the top of the trained
+# 96-255: the most visible) and a translucent mask fill so the object stays visible under it.
+COLORS = {  # the nine colours of the training data
+    "red": (255, 0, 0), "lime": (0, 255, 0), "blue": (0, 0, 255),
+    "yellow": (255, 255, 0), "fuchsia": (255, 0, 255), "aqua": (0, 255, 255),
+    "orange": (255, 165, 0), "purple": (128, 0, 128), "gold": (255, 215, 0),
+}
+SHAPES = ("box", "ellipse", "triangle", "point", "arrow", "scribble", "mask", "mask_contour")
+_ALIASES = {"rectangle": "box", "mask contour": "mask_contour", "mask-contour": "mask_contour"}
+# shape -> (coordinate form, fewest points, most points or None for any number)
+_FORMS = {
+    "box": ("x1,y1,x2,y2", 2, 2), "ellipse": ("x1,y1,x2,y2", 2, 2),
+    "triangle": ("x1,y1,x2,y2,x3,y3", 3, 3), "point": ("x,y", 1, 1),
+    "arrow": ("x1,y1,x2,y2 from tail to head", 2, 2), "scribble": ("x1,y1,x2,y2,...", 2, None),
+    "mask": ("x1,y1,x2,y2,x3,y3,...", 3, None), "mask_contour": ("x1,y1,x2,y2,x3,y3,...", 3, None),
+}
+# Line width (point: radius) in pixels at 336. Trained ranges: rectangle, ellipse and triangle
+# 2-8, arrow 1-6, scribble 2-12, point radius 5-20, mask contour 3 or 5 (a 1-px outline shifted
+# by +-1 or +-2 px); the mask is a fill and has no width.
+DEFAULT_WIDTH = {"box": 4, "ellipse": 4, "triangle": 4, "point": 8, "arrow": 3, "scribble": 5,
+                 "mask": 0, "mask_contour": 4}
+MASK_ALPHA = 88  # the middle of the trained 48-128
+
+
+def parse_color(value):
+    """A name from COLORS, an (R, G, B) tuple or an "R,G,B" string -> (R, G, B)."""
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in COLORS:
+            return COLORS[name]
+        if "," not in name:
+            raise ValueError(f"unknown colour {value!r}: use one of {', '.join(COLORS)} or R,G,B")
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        rgb = tuple(int(c) for c in parts)
+        ok = len(rgb) == 3 and all(0 <= c <= 255 and c == float(v) for c, v in zip(rgb, parts))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"colour {value!r} is not R,G,B with three integers in 0..255")
+    return rgb
+
+
+def _shape_name(shape):
+    name = shape.strip().lower()
+    name = _ALIASES.get(name, name)
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}: use one of {', '.join(SHAPES)} (or rectangle)")
+    return name
+
+
+def _expected(shape):
+    form, fewest, most = _FORMS[shape]
+    count = f"an even count, at least {2 * fewest}" if most is None else f"{2 * fewest}"
+    return f"{form} ({count} numbers)"
+
+
+def _count_ok(shape, n):
+    _, fewest, most = _FORMS[shape]
+    return n % 2 == 0 and n >= 2 * fewest and (most is None or n <= 2 * most)
+
+
+def parse_coords(text, shape):
+    """The command line's "40,60,220,300" -> [40.0, 60.0, 220.0, 300.0], checked for `shape`."""
+    shape = _shape_name(shape)
+    try:
+        coords = [float(part) for part in text.split(",")]
+    except ValueError:
+        coords = None
+    if coords is None or not all(map(math.isfinite, coords)) or not _count_ok(shape, len(coords)):
+        raise ValueError(f"--{shape.replace('_', '-')} expects {_expected(shape)}, got {text!r}")
+    return coords
+
+
+def _catmull_rom(points):
+    """Dense points of a Catmull-Rom spline, which passes through every one of `points`."""
+    ends = [points[0], *points, points[-1]]  # repeat the ends so the curve reaches them
+    out = [points[0]]
+    for p0, p1, p2, p3 in zip(ends, ends[1:], ends[2:], ends[3:]):
+        n = max(1, math.ceil(math.dist(p1, p2)))  # about one sample per pixel: no visible kinks
+        for i in range(1, n + 1):
+            t = i / n
+            out.append(tuple(0.5 * (2 * b + (c - a) * t + (2 * a - 5 * b + 4 * c - d) * t * t
+                                    + (3 * b - a - 3 * c + d) * t ** 3)
+                             for a, b, c, d in zip(p0, p1, p2, p3)))
+    return out
+
+
+def _draw_arrow(draw, tail, head, fill, width, scale):
+    length = math.dist(tail, head)
+    if length == 0:
+        raise ValueError("arrow: the tail and the head are the same point")
+    # Training heads were 20-50% of the arrow's length and at least 6 px at 336; 2x the
+    # line width keeps a thick shaft from swallowing the head.
+    size = min(max(0.3 * length, 6 * scale, 2 * width), length)
+    back = math.atan2(tail[1] - head[1], tail[0] - head[0])  # direction from the head to the tail
+    # Barbs at +-60 degrees from the shaft, the wide head the training arrows had.
+    barbs = [(head[0] + size * math.cos(back + s * math.pi / 3),
+              head[1] + size * math.sin(back + s * math.pi / 3)) for s in (1, -1)]
+    # The shaft ends inside the head, so its flat end neither pokes past the tip nor leaves a gap.
+    stop = (head[0] + size / 4 * math.cos(back), head[1] + size / 4 * math.sin(back))
+    draw.line([tail, stop], fill=fill, width=width)
+    draw.polygon([barbs[0], head, barbs[1]], fill=fill)
+
+
+def _area(points):  # shoelace formula
+    pairs = zip(points, points[1:] + points[:1])
+    return abs(sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in pairs)) / 2
+
+
+def draw_visual_prompt(image, shape, coords, color="red", width=None, alpha=None):
+    """A copy of `image` with `shape` drawn at `coords` (pixels of `image`; forms in _FORMS).
+
+    The result is always RGB: transparent pixels become white first, as `to_rgb` does for the model.
+    `width` (for a point: its radius) is in pixels of `image`, by default DEFAULT_WIDTH scaled
+    by max(W, H) / 336; `alpha` 0-255 defaults to 255, or MASK_ALPHA for a mask.
+    """
+    shape = _shape_name(shape)
+    fill = parse_color(color)
+    coords = [float(c) for c in coords]
+    if not _count_ok(shape, len(coords)):
+        raise ValueError(f"{shape} expects {_expected(shape)}, got {len(coords)} numbers")
+    alpha = (MASK_ALPHA if shape == "mask" else 255) if alpha is None else alpha
+    if not 0 <= alpha <= 255:
+        raise ValueError(f"alpha must be in 0..255, got {alpha}")
+    fill += (round(alpha),)
+    image = to_rgb(image)  # transparency onto white, as the processor does
+    W, H = image.size
+    points = list(zip(coords[0::2], coords[1::2]))
+    for x, y in points:
+        if not (0 <= x <= W and 0 <= y <= H):  # also catches NaN
+            raise ValueError(f"{shape}: point ({x:g}, {y:g}) is outside the {W}x{H} image")
+    # x = W (or y = H) is the image's far border: draw it on the last pixel column (row).
+    points = [(min(x, W - 1), min(y, H - 1)) for x, y in points]
+    scale = max(W, H) / 336
+    width = max(1, round(DEFAULT_WIDTH[shape] * scale if width is None else width))
+
+    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)  # draws replace overlay pixels, so overlaps keep one alpha
+    if shape in ("box", "ellipse"):
+        (x1, y1), (x2, y2) = points
+        box = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+        if box[0] == box[2] or box[1] == box[3]:
+            raise ValueError(f"{shape} {coords} has zero area")
+        (draw.rectangle if shape == "box" else draw.ellipse)(box, outline=fill, width=width)
+    elif shape == "point":
+        (x, y), = points
+        draw.ellipse([x - width, y - width, x + width, y + width], fill=fill)
+    elif shape == "arrow":
+        _draw_arrow(draw, *points, fill, width, scale)
+    elif shape == "scribble":
+        draw.line(_catmull_rom(points), fill=fill, width=width, joint="curve")
+    else:  # triangle, mask, mask_contour: polygons
+        if _area(points) == 0:
+            raise ValueError(f"{shape} {coords} has zero area (its points lie on one line)")
+        if shape == "mask":
+            draw.polygon(points, fill=fill)
+        else:  # repeat the first two points so the closing corner is rounded like the others
+            draw.line(points + points[:2], fill=fill, width=width, joint="curve")
+    return Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")
+
+
+def crop_box(width, height):
+    """(left, top, right, bottom) of what a centre crop to a min(W, H) square keeps."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def outside_crop(coords, width, height):
+    """True if a point of `coords` falls outside crop_box: `--image-mode crop` cuts the mark."""
+    left, top, right, bottom = crop_box(width, height)
+    points = zip(coords[0::2], coords[1::2])
+    return any(not (left <= x <= right and top <= y <= bottom) for x, y in points)
