@@ -145,11 +145,7 @@ def write_checkpoint(folder, text: dict | None = None, vision: dict | None = Non
         "vocab_size": text["vocab_size"],
     }
     torch.manual_seed(seed)
-    model = VipLlava(VipLlavaConfig.from_dict(config))
-    with torch.no_grad():  # small random weights, so activations stay in a realistic range
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.02)
+    model = VipLlava(VipLlavaConfig.from_dict(config))  # PyTorch's default init: lively enough to vary
     state = {k: v.to(weights.DTYPES[dtype]) for k, v in model.state_dict().items()}
     weights.save_weights(state, folder, max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,126 @@
+"""The command line, end to end in subprocesses, on a checkpoint written here in the official format."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_checkpoint
+from processor import VipLlavaProcessor, load_image
+from vipllava import VipLlava
+
+ROOT = Path(__file__).resolve().parent.parent
+CAT = ROOT / "tests" / "images" / "chelsea.png"  # 451x300
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # several shards, like the real checkpoint
+    return tiny_checkpoint.write_checkpoint(tmp_path_factory.mktemp("cli"), max_shard_bytes=200_000, dtype="float32")
+
+
+def run(*args, stdin="", env=None):
+    return subprocess.run([sys.executable, str(ROOT / "vipllava.py"), *map(str, args)], input=stdin, text=True,
+                          capture_output=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def answer(checkpoint, conversation, image, n):
+    """What the library gives for the same question, without streaming."""
+    processor = VipLlavaProcessor.from_pretrained(checkpoint)
+    model = VipLlava.from_pretrained(checkpoint, verbose=False)
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(prompt, images=[image])
+    new = model.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=n, stop_strings=["###"],
+                         tokenizer=processor)
+    return processor.decode(new[0], skip_special_tokens=True)
+
+
+def user(text, image=True):
+    return {"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}
+
+
+def test_streamed_answer_equals_the_library_answer_and_box_is_drawn(checkpoint, tmp_path):
+    marked = tmp_path / "marked.png"
+    r = run("--model", checkpoint, "--image", CAT, "--prompt", "What is in the box?", "--box", "100,50,300,250",
+            "--max-new-tokens", 24, "--save-annotated", marked)
+    assert r.returncode == 0, r.stderr
+    assert "loading weights" in r.stderr and "Traceback" not in r.stderr  # progress on stderr
+    image = load_image(marked)
+    from processor import draw_visual_prompt
+    expected = answer(checkpoint, [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
+                                   user("What is in the box?")],
+                      draw_visual_prompt(load_image(CAT), "box", [100, 50, 300, 250]), 24)
+    assert expected and r.stdout == expected + "\n"
+
+    before, after = np.asarray(load_image(CAT).convert("RGB")), np.asarray(image)
+    assert after.shape == before.shape
+    changed = (before != after).any(-1)
+    edge = np.zeros_like(changed)
+    edge[50:251, 100:301] = True
+    w = round(4 * 451 / 336)  # default box width: 4 px at 336, scaled by max(W, H) / 336 -> 5 px here
+    edge[50 + w:251 - w, 100 + w:301 - w] = False
+    assert (after[edge] == [255, 0, 0]).all()  # the marker is pure red where drawn
+    assert not changed[~edge].any()  # and nothing else changed
+
+
+def test_colors_apply_to_the_shapes_after_them(checkpoint, tmp_path):
+    marked = tmp_path / "m.png"
+    r = run("--model", checkpoint, "--image", CAT, "--prompt", "?", "--max-new-tokens", 1, "--save-annotated", marked,
+            "--point", "20,20", "--color", "blue", "--point", "200,150", "--color", "0,255,0", "--point", "400,250")
+    assert r.returncode == 0, r.stderr
+    out = np.asarray(load_image(marked))
+    assert tuple(out[150, 200]) == (0, 0, 255) and tuple(out[250, 400]) == (0, 255, 0)
+    assert tuple(out[20, 20]) == (0, 255, 0)  # before any --color: the last one given
+
+
+def test_chat_two_turns_through_stdin(checkpoint):
+    r = run("--model", checkpoint, "--image", CAT, "--prompt", "What is this?", "--chat", "--max-new-tokens", 8,
+            stdin="And the colour?\n\n")
+    assert r.returncode == 0, r.stderr
+    first = answer(checkpoint, [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}, user("What is this?")],
+                   load_image(CAT), 8)
+    history = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}, user("What is this?"),
+               {"role": "assistant", "content": [{"type": "text", "text": first.strip()}]},
+               user("And the colour?", image=False)]
+    second = answer(checkpoint, history, load_image(CAT), 8)
+    assert r.stdout == f"{first}\n{second}\n"
+    assert r.stderr.count("you> ") == 2  # asked twice; the empty line ended the session
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "nope.png"], "no image file nope.png"),
+    (["--image", "README.md"], "not an image file"),
+    (["--image", CAT, "--box", "1,2,3"], "expects x1,y1,x2,y2"),
+    (["--image", CAT, "--box", "a,b,c,d"], "expects x1,y1,x2,y2"),
+    (["--image", CAT, "--point", "600,20"], "outside the 451x300 image"),
+    (["--image", CAT, "--box", "1,2,30,40", "--color", "mauve"], "red, lime, blue"),
+    (["--image", CAT, "--device", "cuda"], "CUDA is not available"),
+    (["--image", CAT, "--device", "tpu"], "unknown device"),
+    (["--image", CAT, "--max-new-tokens", "0"], "must be at least 1"),
+    (["--image", CAT, "--template", "alpaca"], "invalid choice: 'alpaca'"),
+    (["--image", CAT, "--dtype", "float8"], "invalid choice: 'float8'"),
+])
+def test_bad_input_is_one_line_and_status_2(checkpoint, args, message):
+    r = run("--model", checkpoint, "--prompt", "What is it?", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stdout == ""
+
+
+def test_offline_without_a_cached_model_says_how_to_use_a_local_folder(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = run("--image", CAT, "--prompt", "What is it?", env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--model /path/to/folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_crop_mode_warns_about_a_marker_it_cuts_away(checkpoint):
+    r = run("--model", checkpoint, "--image", CAT, "--prompt", "?", "--box", "5,100,60,200", "--image-mode", "crop",
+            "--max-new-tokens", 1)
+    assert r.returncode == 0 and "outside the square that --image-mode crop keeps" in r.stderr
