@@ -96,7 +96,7 @@ class EncoderLayer(nn.Module):
 class Embeddings(nn.Module):
     def __init__(self, c: CLIPVisionConfig):
         super().__init__()
-        self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
+        self.class_embedding = nn.Parameter(torch.randn(c.hidden_size) * c.hidden_size**-0.5)  # CLIP's init
         self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, bias=False)
         self.position_embedding = nn.Embedding(c.num_patches + 1, c.hidden_size)
 
