@@ -239,55 +239,49 @@ def sample(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
 
 
 class StopStrings:
-    """Decodes each row as it grows, finds stop strings, and streams row 0 without ever printing
-    a stop string or half of a multi-byte character."""
+    """Follows each row's text with the processor's streaming decoder, finds stop strings, and streams
+    row 0 without ever printing (part of) a stop string."""
 
     def __init__(self, tokenizer, stop_strings: list[str], batch: int):
         self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
-        self.ids = [[] for _ in range(batch)]
+        self.decoders = [tokenizer.stream_decoder() for _ in range(batch)]
+        self.ids, self.text = [[] for _ in range(batch)], [""] * batch
         self.cut_at = [None] * batch  # number of tokens kept where a stop string was found
         self.closed = [False] * batch  # rows that need no more decoding
-        self.text, self.sent = "", 0  # row 0's text so far, and how much of it was streamed
+        self.sent = 0  # how much of row 0 was streamed
 
     def update(self, tokens: list[int], done: list[bool], streamer=None) -> list[bool]:
         """Add one token per row (done: rows finished before or by this token); which rows hit a stop string."""
         hit = [False] * len(tokens)
         for b, token in enumerate(tokens):
-            if self.closed[b]:
+            if self.closed[b] or not (self.stop_strings or b == 0 and streamer):
                 continue
             self.closed[b] = done[b]
             self.ids[b].append(token)
-            if not self.stop_strings and not (b == 0 and streamer):
-                continue
-            text = self.tokenizer.decode(self.ids[b], skip_special_tokens=True)
-            found = [text.find(s) for s in self.stop_strings if s in text]
+            self.text[b] += self.decoders[b].push(token) + (self.decoders[b].flush() if done[b] else "")
+            found = [self.text[b].find(s) for s in self.stop_strings if s in self.text[b]]
             if found:
-                end = min(found)
+                hit[b] = self.closed[b] = True
+                self.text[b] = self.text[b][:min(found)]
                 keep = len(self.ids[b])  # the longest prefix of tokens whose text ends before the stop string
-                while keep and len(self.tokenizer.decode(self.ids[b][:keep], skip_special_tokens=True)) > end:
+                while keep and len(self.tokenizer.decode(self.ids[b][:keep], skip_special_tokens=True)) > len(self.text[b]):
                     keep -= 1
-                hit[b], self.closed[b], self.cut_at[b], text = True, True, keep, text[:end]
-            if b == 0:
-                self.text = text
-                final = len(text) if self.closed[0] else self.final_length(text)
-                if streamer and final > self.sent:
-                    streamer(text[self.sent:final])
+                self.cut_at[b] = keep
+            if b == 0 and streamer:
+                final = len(self.text[0]) - (0 if self.closed[0] else self.partial_stop(self.text[0]))
+                if final > self.sent:
+                    streamer(self.text[0][self.sent:final])
                     self.sent = final
         return hit
 
-    def final_length(self, text: str) -> int:
-        """How much of row 0 cannot change: hold back a possible start of a stop string, and a
-        character whose bytes have not all arrived (decoded as U+FFFD for now)."""
-        n = len(text.rstrip("\ufffd"))
-        for s in self.stop_strings:
-            for k in range(min(len(s) - 1, n), 0, -1):
-                if text[:n].endswith(s[:k]):
-                    n = min(n, len(text[:n]) - k)
-                    break
-        return n
+    def partial_stop(self, text: str) -> int:
+        """Length of the longest end of `text` that could be the start of a stop string: held back."""
+        return max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
     def flush(self) -> str:
-        rest, self.sent = self.text[self.sent:], len(self.text)
+        """Row 0's text not streamed yet (what the decoder held back included)."""
+        self.text[0] += "" if self.closed[0] else self.decoders[0].flush()
+        rest, self.sent = self.text[0][self.sent:], len(self.text[0])
         return rest
 
     def cut(self, new, pad: int):

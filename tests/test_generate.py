@@ -85,6 +85,20 @@ class CharTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return "".join(self.pieces.get(i, "x") for i in ids if not (skip_special_tokens and i == PAD_TOKEN))
 
+    def stream_decoder(self):
+        return CharStream(self)
+
+
+class CharStream:
+    def __init__(self, tokenizer):
+        self.decode = lambda i: tokenizer.decode([i], skip_special_tokens=True)
+
+    def push(self, i):
+        return self.decode(i)
+
+    def flush(self):
+        return ""
+
 
 def test_stop_string_split_across_tokens_stops_and_is_not_returned(pair):
     _, model = pair
