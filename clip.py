@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llama import Embedding, Linear, cpu_computes  # Linear: faster CPU paths (see there)
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # what CLIP was trained with
     "gelu": F.gelu,  # exact (erf) GELU, VipLlava's projector
@@ -57,10 +59,10 @@ class Attention(nn.Module):
     def __init__(self, c: CLIPVisionConfig):
         super().__init__()
         self.n_head = c.num_attention_heads
-        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
-        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
-        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
-        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.q_proj = Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = Linear(c.hidden_size, c.hidden_size)
 
     def forward(self, x):  # (B, T, C)
         B, T, C = x.shape
@@ -72,8 +74,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: CLIPVisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size)
         self.act = activation(c.hidden_act)
 
     def forward(self, x):
@@ -96,13 +98,19 @@ class EncoderLayer(nn.Module):
 class Embeddings(nn.Module):
     def __init__(self, c: CLIPVisionConfig):
         super().__init__()
-        self.class_embedding = nn.Parameter(torch.randn(c.hidden_size) * c.hidden_size**-0.5)  # CLIP's init
+        self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
+        if not self.class_embedding.is_meta:  # CLIP's init; on meta it would cost 2 s of imports (see Embedding)
+            nn.init.normal_(self.class_embedding, std=c.hidden_size**-0.5)
         self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(c.num_patches + 1, c.hidden_size)
+        self.position_embedding = Embedding(c.num_patches + 1, c.hidden_size)
 
     def forward(self, pixel_values):  # (B, 3, H, W)
-        dtype = self.patch_embedding.weight.dtype
-        x = self.patch_embedding(pixel_values.to(dtype))  # (B, C, H/p, W/p)
+        w = self.patch_embedding.weight
+        x = pixel_values.to(w.dtype)
+        if x.device.type == "cpu" and not cpu_computes(w.dtype):  # without fast bf16 kernels: 40x slower (as Linear)
+            x = F.conv2d(x.float(), w.float(), stride=self.patch_embedding.stride).to(w.dtype)  # (B, C, H/p, W/p)
+        else:
+            x = self.patch_embedding(x)  # (B, C, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, C), patches in row-major order
         cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, C)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, N+1, C)

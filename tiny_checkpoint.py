@@ -120,10 +120,11 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 
 
 def write_checkpoint(folder, text: dict | None = None, vision: dict | None = None, dtype="float16", seed: int = 0,
-                     max_shard_bytes: int = 2 * 2**30) -> Path:
+                     max_shard_bytes: int = 2 * 2**30, device="cpu") -> Path:
     """A random VipLlava in the hub format: config.json, safetensors shards + index, processor files.
 
-    `text`/`vision` override the TINY shapes (e.g. `text=TEXT_7B | dict(num_hidden_layers=2)`).
+    `text`/`vision` override the TINY shapes (e.g. `text=TEXT_7B | dict(num_hidden_layers=2)`); `device="cuda"`
+    draws the weights on a GPU (seconds instead of minutes for the 7B; other numbers than on the CPU).
     Weights are random: answers are gibberish, every shape and code path is the real one.
     """
     import torch
@@ -145,8 +146,9 @@ def write_checkpoint(folder, text: dict | None = None, vision: dict | None = Non
         "vocab_size": text["vocab_size"],
     }
     torch.manual_seed(seed)
-    model = VipLlava(VipLlavaConfig.from_dict(config))  # PyTorch's default init: lively enough to vary
-    state = {k: v.to(weights.DTYPES[dtype]) for k, v in model.state_dict().items()}
+    with torch.device(device):
+        model = VipLlava(VipLlavaConfig.from_dict(config))  # PyTorch's default init: lively enough to vary
+    state = {k: v.to(weights.DTYPES[dtype]).cpu() for k, v in model.state_dict().items()}
     weights.save_weights(state, folder, max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder

@@ -3,9 +3,17 @@ import pytest
 import torch
 
 from conftest import PAD_TOKEN, inputs, reference_model, write_checkpoint, legacy_config
+import vipllava
 from vipllava import VipLlava, sample
 
 N_NEW = 40
+
+
+@pytest.fixture(autouse=True, params=["host-order", "queued"])
+def step_order(request, monkeypatch):
+    # "queued" is the GPU order (the next step is queued before stops are read back), run here on the CPU.
+    if request.param == "queued":
+        monkeypatch.setattr(vipllava, "queue_ahead", lambda device: True)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,24 @@ def test_repetition_penalty_matches_transformers(pair):
     ids, mask, px = inputs([(0, 5, 1, 6), (3, 4, 1, 4)], seed=4)
     ours = model.generate(ids, px, mask, max_new_tokens=24, repetition_penalty=1.3, eos_token_id=[])
     assert torch.equal(ours, reference_generate(reference, ids, mask, px, n=24, repetition_penalty=1.3))
+
+
+@pytest.mark.parametrize("rows", [[(0, 5, 1, 6)], [(0, 4, 1, 9), (6, 3, 1, 4), (11, 2, 1, 2)]], ids=["b1", "b3-padded"])
+def test_fixed_shape_decode_step_matches_transformers(pair, rows):
+    # The path compile_decode() compiles (whole-cache attention under a mask, the slot as a tensor), run
+    # here without torch.compile; the compiled version is checked on a GPU in test_cuda.py.
+    reference, model = pair
+    ids, mask, px = inputs(rows, seed=3)
+    model.compiled_step = model.language_model.decode_step
+    try:
+        ours = model.generate(ids, px, mask, max_new_tokens=N_NEW, eos_token_id=[])
+        again = model.generate(ids, px, mask, max_new_tokens=N_NEW, eos_token_id=[])  # the kept cache is reused
+        assert model.language_model.model.layers[0].self_attn.kv_cache.k.shape[2] == 256  # rounded up
+    finally:
+        model.compiled_step = None
+        model.language_model.remove_cache()
+    assert torch.equal(ours, reference_generate(reference, ids, mask, px))
+    assert torch.equal(again, ours)
 
 
 def test_cached_decode_equals_uncached_forward(pair):
