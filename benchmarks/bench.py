@@ -1,0 +1,312 @@
+"""Ours against transformers on the same random checkpoint, in the same run.
+
+    python benchmarks/bench.py --preset 7b-shaped --dtype float32 bfloat16 [--repeats 3] [--json]
+    python benchmarks/bench.py --device cuda --text-layers 32 --dtype bfloat16 --repeats 1 --compile
+
+Each side runs in its own fresh subprocess (so load time and peak memory are its own), the sides
+alternate for --repeats rounds, and the table shows medians. Measured per side: load time
+(from_pretrained; imports are reported apart); peak resident memory (and GPU memory on CUDA);
+vision tower + projector for one image; prefill (generate one token after one image + 40 text
+tokens); decode tokens/s at batch 1 and batch 4 (a 40-token text prompt, greedy, no early stop):
+32 new tokens over the time of generating 33 tokens minus the time of generating 1. Each side
+warms up its decoder and vision tower before the timed runs. With --compile a third side runs
+ours with `compile_decode()` (torch.compile of the decode step; compile time is in the warm-up).
+The machine's read bandwidth is measured in the same run: one decode step reads every decoder
+weight, the final norm, lm_head and one embedding row, so bandwidth / those bytes bounds tokens/s
+at batch 1 (KV-cache reads, ~2% here, are left out of the bound).
+
+Presets: `tiny` (seconds, the CI smoke test) and `7b-shaped` (the real widths: CLIP ViT-L/14-336
+with all 24 layers, projector 5x1024 -> 4096, Llama 4096/11008/32 heads/vocab 32064, with
+--text-layers decoder layers so it fits a small machine). Checkpoints are random, written once in
+the official hub layout in fp16 (like the real one) and cached in --cache-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+N_TEXT, N_NEW, WARMUP_NEW = 40, 32, 4  # prompt text tokens; decode tokens timed after the first; warm-up tokens
+METRICS = ["load_s", "import_s", "peak_rss_gb", "peak_gpu_gb", "vision_s", "prefill_s", "decode_tok_s_b1", "decode_tok_s_b4"]
+
+
+# ---------------------------------------------------------------------------- the checkpoint
+def checkpoint(preset: str, text_layers: int, cache_dir: Path, device: str = "cpu") -> Path:
+    """The preset's random checkpoint, written on first use (to a temporary folder, then renamed)."""
+    name = "tiny" if preset == "tiny" else f"7b-shaped-{text_layers}-layers"
+    folder = cache_dir / name
+    if (folder / "config.json").is_file():
+        return folder
+    sys.path.insert(0, str(ROOT))
+    import shutil
+
+    from tiny_checkpoint import TEXT_7B, VISION_7B, write_checkpoint
+
+    tmp = cache_dir / f"{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"writing the {preset} checkpoint to {folder} (once)", file=sys.stderr, flush=True)
+    if preset == "tiny":
+        write_checkpoint(tmp, dtype="float16")
+    else:
+        # num_key_value_heads too: write_checkpoint fills missing fields from its tiny shapes (GQA with 2 heads).
+        text = TEXT_7B | dict(num_hidden_layers=text_layers, num_key_value_heads=TEXT_7B["num_attention_heads"])
+        write_checkpoint(tmp, text=text, vision=VISION_7B, dtype="float16", device=device)
+    tmp.rename(folder)
+    return folder
+
+
+def decode_bytes(config: dict, itemsize: int) -> int:
+    """Bytes of weights one decode step reads: every decoder layer, the final norm, lm_head, one embedding row."""
+    t = config["text_config"]
+    h, i, nh = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"]
+    hd = t.get("head_dim") or h // nh
+    nkv = t.get("num_key_value_heads") or nh
+    layer = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * i + 2 * h  # q k v o, gate up down, 2 norms
+    return (t["num_hidden_layers"] * layer + h + t["vocab_size"] * h + h) * itemsize
+
+
+def read_bandwidth(n_bytes: int, device: str = "cpu") -> float:
+    """Memory read bandwidth in GB/s: the best of a few sums over a buffer much larger than the caches."""
+    import torch
+
+    x = torch.ones(n_bytes // 4, device=device)
+    best = float("inf")
+    for _ in range(10):
+        synchronize(device)
+        t0 = time.perf_counter()
+        x.sum()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def synchronize(device):
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- a side, in its own subprocess
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss
+    over exec from the process that spawned us, so a worker would report at least its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def model_worker(side: str, folder: Path, dtype_name: str, device: str) -> dict:
+    t_import = time.perf_counter()
+    import torch
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    config = json.loads((folder / "config.json").read_text())
+    image_token, image_seq = config["image_token_index"], config["image_seq_length"]
+    image_size = config["vision_config"]["image_size"]
+
+    if side.startswith("ours"):
+        sys.path.insert(0, str(ROOT))
+        from vipllava import VipLlava
+
+        imported = time.perf_counter() - t_import
+        t0 = time.perf_counter()
+        model = VipLlava.from_pretrained(folder, dtype=dtype, device=device, verbose=False)
+        synchronize(device)
+        load = time.perf_counter() - t0
+        if side == "ours_compiled":
+            model.compile_decode()
+
+        def vision(px):
+            return model.get_image_features(px)
+
+        def generate(ids, px, n):
+            return model.generate(ids, px, max_new_tokens=n, eos_token_id=[])
+    else:
+        from transformers import VipLlavaForConditionalGeneration
+
+        imported = time.perf_counter() - t_import
+        t0 = time.perf_counter()
+        placed = {} if device == "cpu" else {"device_map": device}  # straight to the GPU, as users load it
+        model = VipLlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, **placed).eval()
+        synchronize(device)
+        load = time.perf_counter() - t0
+
+        def vision(px):
+            out = model.model.get_image_features(pixel_values=px)
+            return getattr(out, "pooler_output", out)
+
+        def generate(ids, px, n):
+            images = {} if px is None else {"pixel_values": px}  # transformers fails on an explicit None
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                                  pad_token_id=config["pad_token_id"], **images)[:, ids.shape[1]:]
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, 300, (4, N_TEXT), generator=g)  # ordinary pieces of the tokenizer
+    half = N_TEXT // 2
+    image_ids = torch.cat([text[:1, :half], torch.full((1, image_seq), image_token), text[:1, half:]], dim=1)
+    text, image_ids = text.to(device), image_ids.to(device)
+    px = torch.randn(1, 3, image_size, image_size, generator=g).to(device, dtype)
+
+    def timed(fn, *args):
+        synchronize(device)
+        t0 = time.perf_counter()
+        result = fn(*args)
+        synchronize(device)
+        return time.perf_counter() - t0, result
+
+    def generate_time(ids, pixel_values, n):
+        seconds, new = timed(generate, ids, pixel_values, n)
+        assert new.shape == (ids.shape[0], n), new.shape
+        return seconds
+
+    out = {"load_s": load, "import_s": imported}  # load is from_pretrained alone; imports are reported apart
+    with torch.inference_mode():
+        generate_time(text[:1], None, WARMUP_NEW)  # warm-up: threads, allocator, kernels of the decoder
+        vision(px)  # and of the vision tower: a first pass runs up to 30% slower (fresh memory, kernel setup)
+        out["vision_s"], features = timed(vision, px)
+        assert features.shape[-2] == image_seq
+        generate_time(image_ids, px, 1)  # a first long prompt runs slower too (fresh memory)
+        out["prefill_s"] = generate_time(image_ids, px, 1)
+        for batch in (1, 4):
+            generate_time(text[:batch], None, N_NEW + 1)  # warm-up at this batch size (and compile, if any)
+            first = generate_time(text[:batch], None, 1)
+            full = min(generate_time(text[:batch], None, N_NEW + 1) for _ in range(2))  # the better of two
+            out[f"decode_tok_s_b{batch}"] = batch * N_NEW / (full - first)
+    out["peak_rss_gb"] = peak_rss_bytes() / 1e9
+    out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else 0.0
+    out["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    return out
+
+
+def spawn(*args) -> dict:
+    """Run this file as a worker in a fresh interpreter; its last stdout line is a JSON object."""
+    proc = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-4000:]}")
+    sys.stderr.write(proc.stderr[-4000:])  # warnings (e.g. from torch.compile) stay visible
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- the parent
+def bench(preset: str, dtype: str, repeats: int, text_layers: int, cache_dir: Path, with_reference: bool,
+          device: str = "cpu", compiled: bool = False) -> dict:
+    folder = checkpoint(preset, text_layers, cache_dir, device)
+    config = json.loads((folder / "config.json").read_text())
+    bw_bytes = 2**28 if preset == "tiny" else 2**30 if device == "cpu" else 2**32
+    bandwidth = [read_bandwidth(bw_bytes, device)]  # before and after the runs
+    sides = ["ours"] + ["reference"] * with_reference + ["ours_compiled"] * compiled
+    runs = {side: [] for side in sides}
+    for r in range(repeats):
+        for side in sides if r % 2 == 0 else sides[::-1]:  # alternate who goes first: drift hits both
+            print(f"round {r + 1}/{repeats}: {side} ({dtype})", file=sys.stderr, flush=True)
+            runs[side].append(spawn("--worker", side, "--folder", folder, "--dtype", dtype, "--device", device))
+            print(f"{side}: {json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
+    bandwidth.append(read_bandwidth(bw_bytes, device))
+
+    step_bytes = decode_bytes(config, 4 if dtype == "float32" else 2)
+    bw = max(bandwidth)  # other processes on the machine can only make a measurement slower
+    result = {"preset": preset, "dtype": dtype, "device": device, "text_layers": config["text_config"]["num_hidden_layers"]}
+    for side in ("ours", "ours_compiled", "reference"):
+        if side not in runs:
+            result[side] = None
+            continue
+        med = {k: statistics.median(run[k] for run in runs[side]) for k in METRICS + ["weights_gb"]}
+        med["decode_bound_fraction"] = med["decode_tok_s_b1"] * step_bytes / (bw * 1e9)
+        med["runs"] = runs[side]
+        result[side] = med
+    result["ratios"] = ratios(result["ours"], result["reference"])
+    if compiled:
+        result["ratios_compiled"] = ratios(result["ours_compiled"], result["reference"])
+    else:
+        del result["ours_compiled"]
+    result["decode_bound_fraction"] = result["ours"]["decode_bound_fraction"]
+    result["bandwidth_gb_s"] = bw
+    result["decode_bytes_per_step"] = step_bytes
+    result["decode_bound_tok_s"] = bw * 1e9 / step_bytes
+    result["repeats"] = repeats
+    return result
+
+
+def ratios(ours: dict, ref: dict | None) -> dict:
+    """ours / reference time; decode: ours / reference tokens/s (batch 1). None without a reference."""
+    return {"load": ref and ours["load_s"] / ref["load_s"], "vision": ref and ours["vision_s"] / ref["vision_s"],
+            "prefill": ref and ours["prefill_s"] / ref["prefill_s"],
+            "decode": ref and ours["decode_tok_s_b1"] / ref["decode_tok_s_b1"]}
+
+
+def table(r: dict) -> str:
+    """The result as a markdown table."""
+    sides = [("ours", "ours")] + [("ours, compiled", "ours_compiled")] * ("ours_compiled" in r) + [("transformers", "reference")]
+    rows = [("load (s)", "load_s", "{:.2f}"), ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
+            ("vision + projector, 1 image (s)", "vision_s", "{:.3f}"), ("prefill, image + 40 tokens (s)", "prefill_s", "{:.3f}"),
+            ("decode batch 1 (tokens/s)", "decode_tok_s_b1", "{:.1f}"), ("decode batch 4 (tokens/s)", "decode_tok_s_b4", "{:.1f}"),
+            ("decode batch 1 / bandwidth bound", "decode_bound_fraction", "{:.0%}")]
+    if r["device"] != "cpu":
+        rows.insert(2, ("peak GPU memory (GB)", "peak_gpu_gb", "{:.2f}"))
+    title = f"{r['preset']} ({r['text_layers']} text layers), {r['dtype']}, {r['device']}"
+    lines = [f"| {title} | " + " | ".join(name for name, _ in sides) + " | ours / transformers |",
+             "|---|" + "---:|" * (len(sides) + 1)]
+    for label, key, fmt in rows:
+        values = [r[side][key] if r[side] else None for _, side in sides]
+        a, b = values[0], values[-1]
+        ratio = "" if b is None or key == "decode_bound_fraction" else f"{a / b:.2f}x"
+        lines.append(f"| {label} | " + " | ".join("" if v is None else fmt.format(v) for v in values) + f" | {ratio} |")
+    lines.append(f"\nread bandwidth {r['bandwidth_gb_s']:.1f} GB/s; one decode step reads {r['decode_bytes_per_step'] / 1e9:.2f} GB "
+                 f"of weights: bound {r['decode_bound_tok_s']:.1f} tokens/s; medians of {r['repeats']} run(s) per side")
+    return "\n".join(lines)
+
+
+def across_dtypes(results: list[dict]) -> str:
+    """Ours in bfloat16 against ours in float32, when one run measured both."""
+    by = {r["dtype"]: r["ours"] for r in results}
+    if not {"float32", "bfloat16"} <= by.keys():
+        return ""
+    b, f = by["bfloat16"], by["float32"]
+    return (f"ours, bfloat16 / float32: vision {b['vision_s'] / f['vision_s']:.2f}x, prefill {b['prefill_s'] / f['prefill_s']:.2f}x "
+            f"(time); decode batch 1 {b['decode_tok_s_b1'] / f['decode_tok_s_b1']:.2f}x (tokens/s)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=["tiny", "7b-shaped"], default="7b-shaped")
+    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"],
+                   help="one or more, measured one after the other")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of ours + reference; medians are reported")
+    p.add_argument("--text-layers", type=int, default=2, help="decoder layers of the 7b-shaped preset (the real model: 32)")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / ".cache")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="also measure ours with compile_decode() (for CUDA)")
+    p.add_argument("--no-reference", action="store_true", help="measure ours only (ratios are null)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per dtype instead of tables")
+    p.add_argument("--worker", choices=["ours", "ours_compiled", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(model_worker(args.worker, args.folder, args.dtype[0], args.device)))
+        return
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for dtype in args.dtype:
+        results.append(bench(args.preset, dtype, args.repeats, args.text_layers, args.cache_dir, not args.no_reference,
+                             args.device, args.compile))
+        print(json.dumps(results[-1]) if args.json else table(results[-1]) + "\n", flush=True)
+    if not args.json and across_dtypes(results):
+        print(across_dtypes(results))
+
+
+if __name__ == "__main__":
+    main()
