@@ -6,7 +6,9 @@ Quirks worth knowing:
   each head, not interleaved pairs), so q_proj/k_proj load as they are stored;
 - one `input_pos` drives the cache write; positions come from the attention mask, so a
   left-padded row starts at position 0 on its first real token;
-- without padding the causal path passes no mask tensor, so on CUDA SDPA can pick flash attention.
+- without padding the causal path passes no mask tensor, so on CUDA SDPA can pick flash attention;
+- `decode_step` is the same step with every shape fixed (the cache slot a tensor, attention over the
+  whole cache under a mask), for torch.compile and CUDA graphs; `Linear` adds measured CPU fast paths.
 """
 from __future__ import annotations
 
