@@ -101,8 +101,14 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def split_between_threads(self, x):
+        grad = torch.is_grad_enabled()  # grad mode (and inference mode) are per thread: carry the caller's over
+
+        def part(w):
+            with torch.set_grad_enabled(grad):
+                return F.linear(x, w)
+
         parts = self.weight.split(-(-self.out_features // torch.get_num_threads()))  # ops release the GIL
-        y = torch.cat(list(cpu_threads().map(lambda w: F.linear(x, w), parts)), dim=-1)
+        y = torch.cat(list(cpu_threads().map(part, parts)), dim=-1)
         return y if self.bias is None else y + self.bias
 
     def transposed(self, x, rows: int):

@@ -144,3 +144,21 @@ def test_prompt_longer_than_the_context_is_an_error(hub_checkpoint):
     with pytest.raises(ValueError, match="257 tokens exceed the model's context of 256"):
         model(torch.full((1, 257), 5))
 
+
+
+def test_cpu_fast_paths_equal_plain_linear_with_and_without_autograd():
+    # llama.Linear's CPU paths (one row split between threads, 2-16 rows transposed, many rows) must give
+    # F.linear's numbers, under inference_mode and with autograd on (weights that require grad).
+    import llama
+
+    torch.manual_seed(0)
+    lin = llama.Linear(64, 96)
+    for rows in (1, 3, 40):
+        x = torch.randn(1, rows, 64)
+        expected = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        with torch.inference_mode():
+            assert torch.allclose(lin(x), expected, atol=1e-6)
+        y = lin(x)
+        y.sum().backward()  # gradients flow through every path
+        assert torch.allclose(y, expected, atol=1e-6) and lin.weight.grad is not None
+        lin.weight.grad = None
