@@ -78,7 +78,7 @@ class Linear(nn.Linear):
     """nn.Linear with CPU paths, measured on 2-core machines (AVX-512 Xeon and AVX2 EPYC, PyTorch's MKL):
 
     - float32, one row (decode at batch 1): MKL multiplies a single row on one core, reading ~22 GB/s of
-      weights; the weight's rows split between the CPU's threads read ~33 GB/s, near the machine's bound;
+      weights; the weight's rows split between the CPU's threads read 25-33 GB/s, near the machine's bound;
     - float32, 2-16 rows, and wide layers: (W @ x^T)^T, where MKL is faster: 2-4x for 2-16 rows, a few
       percent for the 616 rows of a prefill through the text layers;
     - bf16/fp16 with many rows (prefill, the vision tower) on a CPU without fast kernels for them (see
