@@ -289,8 +289,12 @@ class Llama(nn.Module):
         if self._rope is None or self._rope[0].device != x.device:
             self._rope = rope_tables(self.config, self.config.max_position_embeddings, x.device)
         pos = self.position_ids(attention_mask, T, input_pos)  # (B, T)
-        cos, sin = (t[pos].unsqueeze(1).to(x.dtype) for t in self._rope)  # (B, 1, T, hs)
         mask = attention_mask_4d(attention_mask, T, input_pos, x.device)
+        return self.layers_and_head(x, pos, mask, input_pos, last_only)
+
+    def layers_and_head(self, x, positions, mask, input_pos, last_only: bool = False):
+        """The decoder layers, final norm and lm_head over x (B, T, C) at positions (B, T) -> logits (B, T, vocab)."""
+        cos, sin = (t[positions].unsqueeze(1).to(x.dtype) for t in self._rope)  # (B, 1, T, hs)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
         if last_only:
@@ -304,8 +308,4 @@ class Llama(nn.Module):
         token (B, 1); positions (B, 1) for RoPE; input_pos (1,) the cache slot; mask (B, 1, 1, max_len) bool:
         the slots each row may see. Attention reads the whole cache; the mask hides what is not written yet.
         """
-        x = self.model.embed_tokens(token)  # (B, 1, C)
-        cos, sin = (t[positions].unsqueeze(1).to(x.dtype) for t in self._rope)  # (B, 1, 1, hs)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos)
-        return self.lm_head(self.model.norm(x))[:, -1]  # (B, vocab)
+        return self.layers_and_head(self.model.embed_tokens(token), positions, mask, input_pos)[:, -1]  # (B, vocab)

@@ -23,7 +23,7 @@ from tiny_checkpoint import TEXT_7B, VISION_7B  # noqa: E402
 from vipllava import VipLlava, VipLlavaConfig  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench import synchronize  # noqa: E402
+from bench import read_bandwidth, synchronize  # noqa: E402
 
 
 class GraphStep:
@@ -81,9 +81,7 @@ def main():
     lm = model.language_model
     ids = torch.randint(3, 30000, (1, 40), generator=torch.Generator().manual_seed(0)).to(device)
 
-    x = torch.ones(2**30 if device.type == "cuda" else 2**28, device=device)  # read bandwidth: the best of 10 sums
-    bw = max(x.numel() * 4 / t for t in [bench_sum(x) for _ in range(10)])
-    del x
+    bw = read_bandwidth(2**32 if device.type == "cuda" else 2**30, str(device)) * 1e9
     step_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) - lm.model.embed_tokens.weight.nbytes
     bound = bw / step_bytes
     print(f"read bandwidth {bw / 1e9:.0f} GB/s; {step_bytes / 1e9:.2f} GB per step: bound {bound:.1f} tokens/s", flush=True)
@@ -114,14 +112,6 @@ def main():
             print(f"| {name} | failed: {type(e).__name__}: {str(e)[:300]} |", flush=True)
             continue
         report(f"{name} (set-up and timing {time.perf_counter() - t0:.0f} s)", rate)
-
-
-def bench_sum(x) -> float:
-    synchronize(x.device)
-    t0 = time.perf_counter()
-    x.sum()
-    synchronize(x.device)
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
