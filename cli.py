@@ -1,0 +1,160 @@
+"""The command line: `python vipllava.py --image photo.jpg --box 40,60,220,300 --prompt "What is in the box?"`.
+
+Parses the flags, draws the visual prompts on the image, loads the processor and the model, and
+streams the answer to stdout (status and errors to stderr; a user error exits 2 with one line).
+`vipllava.py` delegates its `__main__` here, so the model file stays the model.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import weights
+from weights import log
+from vipllava import VipLlava
+
+SHAPE_FLAGS = ["box", "ellipse", "triangle", "point", "arrow", "scribble", "mask", "mask-contour"]
+
+
+class Shape(argparse.Action):
+    """--box etc.: remember each marker in order, with the --color in force when it was given."""
+
+    def __call__(self, parser, ns, values, option_string=None):
+        ns.marks = (ns.marks or []) + [(self.dest.replace("_", "-"), values, ns.color)]
+
+
+def fail(message: str):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    log(f"vipllava.py: error: {message}")
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def parse_args(argv=None):
+    p = Parser(prog="vipllava.py", description="Ask ViP-LLaVA about an image, optionally marked with a box, "
+               "arrow, scribble... The answer streams to stdout; status goes to stderr.")
+    p.add_argument("--image", help="image file or URL")
+    p.add_argument("--prompt", help="the question (with --chat: the first question; else read from stdin)")
+    p.add_argument("--model", default="llava-hf/vip-llava-7b-hf", help="hub id or local checkpoint folder")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: float32 on CPU, the checkpoint's float16 on GPUs")
+    p.add_argument("--image-mode", default="pad", choices=["pad", "crop"],
+                   help="pad (default): pad to a square, as the model was trained; crop: transformers' centre crop")
+    p.add_argument("--template", default="vipllava", choices=["vipllava", "llava_v1"],
+                   help="vipllava: the hub chat template (###Human/###Assistant); llava_v1: the original training format")
+    p.add_argument("--system", default=None, help="system line (default: the one the model was trained with)")
+    p.add_argument("--chat", action="store_true", help="keep talking about the image; an empty line or Ctrl-D ends")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA: much faster "
+                   "tokens/s after a minute of compiling)")
+    p.add_argument("--verbose", action="store_true", help="timings on stderr")
+    g = p.add_argument_group("visual prompts (each flag may be repeated; coordinates in pixels of the image)")
+    for flag, form in zip(SHAPE_FLAGS, ["x1,y1,x2,y2", "x1,y1,x2,y2", "x1,y1,x2,y2,x3,y3", "x,y", "x1,y1,x2,y2",
+                                        "x1,y1,x2,y2,...", "x1,y1,x2,y2,x3,y3,...", "x1,y1,x2,y2,x3,y3,..."]):
+        g.add_argument(f"--{flag}", action=Shape, metavar=form.upper(), dest=flag.replace("-", "_"))
+    g.add_argument("--color", default=None, help="colour of the shapes given after it; shapes before any --color "
+                   "take the last one given, else red. red, lime, blue, yellow, fuchsia, aqua, orange, purple, gold or R,G,B")
+    g.add_argument("--width", type=float, help="line width in pixels (default: scaled to the image size)")
+    g.add_argument("--alpha", type=int, help="opacity 0-255 (default 255; masks 88)")
+    g.add_argument("--save-annotated", metavar="PATH", help="write the marked image here")
+    p.set_defaults(marks=[])
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.marks and not args.image:
+        p.error("visual prompts need --image")
+    if args.prompt is None and not args.chat:
+        p.error("--prompt is required (or use --chat to type questions)")
+    return args
+
+
+def annotate(args):
+    """Load the image and draw the visual prompts on it, as the training data was drawn."""
+    from processor import draw_visual_prompt, load_image, outside_crop, parse_color, parse_coords
+
+    image = load_image(args.image)
+    for flag, text, color in args.marks:
+        shape = flag.replace("-", "_")
+        coords = parse_coords(text, shape)
+        image = draw_visual_prompt(image, shape, coords, parse_color(color or args.color or "red"), args.width, args.alpha)
+        if args.image_mode == "crop" and outside_crop(coords, *image.size):
+            log(f"warning: the --{flag} marker lies partly outside the square that --image-mode crop keeps; "
+                f"the model will not see it whole (the default --image-mode pad keeps everything)")
+    if args.save_annotated:
+        image.save(args.save_annotated)
+        log(f"annotated image written to {args.save_annotated}")
+    return image
+
+
+def chat(args, model, processor, image):
+    """Answer --prompt (and with --chat, the questions that follow on stdin), streaming to stdout."""
+    from processor import SYSTEM_PROMPT
+
+    system = SYSTEM_PROMPT if args.system is None else args.system
+    conversation = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    question = args.prompt
+    while True:
+        if question is None:
+            log("you> ", end="")
+            question = sys.stdin.readline()
+            if not question.strip():  # Ctrl-D or an empty line
+                return
+            question = question.rstrip("\n")
+        content = ([{"type": "image"}] if image is not None and len(conversation) <= 1 else []) + [{"type": "text", "text": question}]
+        conversation.append({"role": "user", "content": content})
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, template=args.template)
+        inputs = processor(prompt, images=[image] if image is not None else None, image_mode=args.image_mode)
+        t0 = time.perf_counter()
+        new = model.generate(inputs["input_ids"], inputs.get("pixel_values"), max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             stop_strings=["###"] if args.template == "vipllava" else None, tokenizer=processor,
+                             streamer=lambda piece: print(piece, end="", flush=True))
+        print(flush=True)
+        if args.verbose:
+            dt = time.perf_counter() - t0
+            log(f"[{inputs['input_ids'].shape[1]} prompt tokens, {new.shape[1]} new tokens in {dt:.1f} s]")
+        answer = processor.decode(new[0], skip_special_tokens=True).strip()
+        conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        if not args.chat:
+            return
+        question = None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from processor import VipLlavaProcessor
+
+    try:
+        weights.resolve_device(args.device)
+        image = annotate(args) if args.image else None
+        t0 = time.perf_counter()
+        try:
+            processor = VipLlavaProcessor.from_pretrained(args.model, image_mode=args.image_mode)
+            model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+        except OSError as e:
+            if "could not fetch" in str(e):
+                fail(f"cannot download {args.model!r} (offline, or the hub is unreachable) "
+                         f"and no copy is cached: pass --model /path/to/folder holding its config.json, "
+                         f"*.safetensors and tokenizer files")
+            raise
+        if args.verbose:
+            log(f"[model loaded in {time.perf_counter() - t0:.1f} s on {weights.resolve_device(args.device)}]")
+        if args.compile:
+            log("compiling the decode step on the first answer (about a minute for the 7B)")
+            model.compile_decode()
+        chat(args, model, processor, image)
+    except (ValueError, OSError, KeyError, MemoryError, NotImplementedError) as e:
+        fail(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
