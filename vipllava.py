@@ -99,6 +99,12 @@ class MultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.projector_layernorm(x))))
 
 
+@dataclass
+class VipLlavaOutput:
+    """What `VipLlava.forward` returns, so that `model(**inputs).logits` works as in transformers."""
+    logits: torch.Tensor  # (B, T, vocab), or (B, 1, vocab) with last_only
+
+
 class VipLlava(nn.Module):
     def __init__(self, config: VipLlavaConfig):
         super().__init__()
@@ -136,9 +142,9 @@ class VipLlava(nn.Module):
         return x
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, last_only: bool = False):
-        """Logits (B, T, vocab) for left-padded input_ids (B, T) holding 576 <image> ids per image."""
+        """`.logits` (B, T, vocab) for left-padded input_ids (B, T) holding 576 <image> ids per image."""
         x = self.embed(input_ids, pixel_values)
-        return self.language_model(inputs_embeds=x, attention_mask=attention_mask, last_only=last_only)
+        return VipLlavaOutput(self.language_model(inputs_embeds=x, attention_mask=attention_mask, last_only=last_only))
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 256,

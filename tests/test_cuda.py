@@ -20,7 +20,7 @@ def test_fp16_prefill_and_decode_run_with_only_the_flash_backend(tmp_path):
     ids = torch.cat([text[:, :5], torch.full((2, c.image_seq_length), c.image_token_index), text[:, 5:]], dim=1)
     px = torch.randn(2, 3, 336, 336, dtype=torch.float16)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # any attention call that cannot use flash raises
-        logits = model(ids.cuda(), px.cuda(), last_only=True)  # prefill: CLIP attention and causal attention
+        logits = model(ids.cuda(), px.cuda(), last_only=True).logits  # prefill: CLIP attention and causal attention
         new = model.generate(ids, px, max_new_tokens=8, eos_token_id=[])  # prefill + 7 decode steps via the KV cache
     assert logits.shape == (2, 1, c.text_config.vocab_size) and torch.isfinite(logits).all()
     assert new.shape == (2, 8)
@@ -33,7 +33,7 @@ def test_logits_match_transformers_on_the_gpu(reference, tmp_path, dtype):
     model = VipLlava.from_pretrained(tmp_path, dtype=dtype, device="cuda", verbose=False)
     ref = reference_model().to("cuda", dtype)
     ids, mask, px = (t.cuda() for t in inputs(BATCH))
-    ours = model(ids, px.to(dtype), mask)
+    ours = model(ids, px.to(dtype), mask).logits
     bound = FP32_TOL if dtype == torch.float32 else HALF_TOL[dtype]
     assert max_diff(ours, reference_logits(ref, ids, mask, px.to(dtype)), mask) <= bound
 

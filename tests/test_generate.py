@@ -78,7 +78,7 @@ def test_cached_decode_equals_uncached_forward(pair):
     ids, mask, px = inputs([(0, 5, 1, 6)], seed=5)
     new = model.generate(ids, px, max_new_tokens=8, eos_token_id=[])
     full = torch.cat([ids, new], dim=1)
-    logits = model(full, px)  # one forward over the prompt and the generated tokens
+    logits = model(full, px).logits  # one forward over the prompt and the generated tokens
     assert torch.equal(logits[0, ids.shape[1] - 1:-1].argmax(-1), new[0])
 
 

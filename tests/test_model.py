@@ -32,7 +32,7 @@ def test_logits_match_reference_in_every_key_layout(reference, tmp_path, layout,
     model = VipLlava.from_pretrained(tmp_path)
     assert model.config.vision_feature_layers == DEFAULT_FEATURE_LAYERS
     ids, mask, px = inputs(BATCH)
-    assert max_diff(model(ids, px, mask), reference_logits(reference, ids, mask, px), mask) <= FP32_TOL
+    assert max_diff(model(ids, px, mask).logits, reference_logits(reference, ids, mask, px), mask) <= FP32_TOL
 
 
 def test_legacy_config_loads_as_the_five_layer_model(hub_checkpoint):
@@ -55,20 +55,20 @@ def test_batch_with_padding_two_images_and_no_image(reference, hub_checkpoint):
     model = VipLlava.from_pretrained(hub_checkpoint)
     ids, mask, px = inputs([(0, 3, 2, 4), (7, 2, 1, 3), (20, 6, 0, 7)])  # 2 images in one row, a text-only row
     assert px.shape[0] == 3
-    assert max_diff(model(ids, px, mask), reference_logits(reference, ids, mask, px), mask) <= FP32_TOL
+    assert max_diff(model(ids, px, mask).logits, reference_logits(reference, ids, mask, px), mask) <= FP32_TOL
 
 
 def test_text_only_batch_matches_reference(reference, hub_checkpoint):
     model = VipLlava.from_pretrained(hub_checkpoint)
     ids, mask, _ = inputs([(0, 12, 0, 0), (5, 7, 0, 0)])
-    assert max_diff(model(ids, None, mask), reference_logits(reference, ids, mask, None), mask) <= FP32_TOL
+    assert max_diff(model(ids, None, mask).logits, reference_logits(reference, ids, mask, None), mask) <= FP32_TOL
 
 
 def test_left_padded_row_equals_the_same_row_alone(hub_checkpoint):
     model = VipLlava.from_pretrained(hub_checkpoint)
     ids, mask, px = inputs(BATCH)
-    batched = model(ids, px, mask)
-    alone = model(ids[1:, 4:], px[1:])  # row 1 without its 4 pad tokens
+    batched = model(ids, px, mask).logits
+    alone = model(ids[1:, 4:], px[1:]).logits  # row 1 without its 4 pad tokens
     assert (batched[1, 4:] - alone[0]).abs().max().item() <= FP32_TOL
 
 
@@ -98,7 +98,7 @@ def test_int_feature_layer_config_written_by_transformers_5(tmp_path):
     model = VipLlava.from_pretrained(tmp_path)
     assert model.config.vision_feature_layers == [-2]
     ids, mask, px = inputs(BATCH)
-    assert max_diff(model(ids, px, mask), reference_logits(reference, ids, mask, px), mask) <= FP32_TOL
+    assert max_diff(model(ids, px, mask).logits, reference_logits(reference, ids, mask, px), mask) <= FP32_TOL
 
 
 def test_without_gqa_and_with_another_layer_list(tmp_path):
@@ -106,7 +106,7 @@ def test_without_gqa_and_with_another_layer_list(tmp_path):
     write_checkpoint(reference, tmp_path, "transformers-5.x")
     model = VipLlava.from_pretrained(tmp_path)
     ids, mask, px = inputs(BATCH)
-    assert max_diff(model(ids, px, mask), reference_logits(reference, ids, mask, px), mask) <= FP32_TOL
+    assert max_diff(model(ids, px, mask).logits, reference_logits(reference, ids, mask, px), mask) <= FP32_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -116,7 +116,7 @@ def test_half_precision_logits_within_bound(reference, tmp_path, dtype):
     assert {p.dtype for p in model.parameters()} == {dtype}
     ref = reference_model().to(dtype)
     ids, mask, px = inputs(BATCH)
-    ours = model(ids, px.to(dtype), mask)
+    ours = model(ids, px.to(dtype), mask).logits
     assert ours.dtype == dtype
     assert max_diff(ours, reference_logits(ref, ids, mask, px.to(dtype)), mask) <= HALF_TOL[dtype]
 

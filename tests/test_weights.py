@@ -305,7 +305,7 @@ def test_transformers_loads_our_checkpoint_with_the_same_logits(tmp_path):
     pixel_values = torch.randn(1, 3, 336, 336, generator=g)
     with torch.no_grad():
         ref = theirs(input_ids=ids, pixel_values=pixel_values).logits
-    got = ours(ids, pixel_values)
+    got = ours(ids, pixel_values).logits
     assert got.shape == ref.shape == (1, ids.shape[1], config["text_config"]["vocab_size"])
     assert (got - ref).abs().max().item() <= 1e-4
 
