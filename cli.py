@@ -12,7 +12,7 @@ import time
 
 import weights
 from weights import log
-from vipllava import VipLlava
+from vipllava import ChatSession, VipLlava
 
 SHAPE_FLAGS = ["box", "ellipse", "triangle", "point", "arrow", "scribble", "mask", "mask-contour"]
 
@@ -97,11 +97,10 @@ def annotate(args):
 
 
 def chat(args, model, processor, image):
-    """Answer --prompt (and with --chat, the questions that follow on stdin), streaming to stdout."""
-    from processor import SYSTEM_PROMPT
-
-    system = SYSTEM_PROMPT if args.system is None else args.system
-    conversation = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    """Answer --prompt (and with --chat, the questions that follow on stdin), streaming to stdout.
+    One ChatSession: each turn prefills only its new tokens; the image is encoded once."""
+    session = ChatSession(model, processor, image=image, system=args.system, template=args.template,
+                          image_mode=args.image_mode)
     question = args.prompt
     while True:
         if question is None:
@@ -110,21 +109,22 @@ def chat(args, model, processor, image):
             if not question.strip():  # Ctrl-D or an empty line
                 return
             question = question.rstrip("\n")
-        content = ([{"type": "image"}] if image is not None and len(conversation) <= 1 else []) + [{"type": "text", "text": question}]
-        conversation.append({"role": "user", "content": content})
-        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, template=args.template)
-        inputs = processor(prompt, images=[image] if image is not None else None, image_mode=args.image_mode)
-        t0 = time.perf_counter()
-        new = model.generate(inputs["input_ids"], inputs.get("pixel_values"), max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             stop_strings=["###"] if args.template == "vipllava" else None, tokenizer=processor,
-                             streamer=lambda piece: print(piece, end="", flush=True))
+        try:
+            session.ask(question, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, streamer=lambda piece: print(piece, end="", flush=True))
+        except ValueError as e:
+            if not args.chat:
+                raise
+            log(f"vipllava.py: error: {e}")  # the session goes on: ask something else
+            question = None
+            continue
         print(flush=True)
         if args.verbose:
-            dt = time.perf_counter() - t0
-            log(f"[{inputs['input_ids'].shape[1]} prompt tokens, {new.shape[1]} new tokens in {dt:.1f} s]")
-        answer = processor.decode(new[0], skip_special_tokens=True).strip()
-        conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            s = session
+            decode_s = s.last_seconds - s.last_time_to_first_token
+            rate = f"{(s.last_new_tokens - 1) / decode_s:.1f} tokens/s" if s.last_new_tokens > 1 and decode_s > 0 else "-"
+            log(f"[{s.last_prefill_tokens} tokens prefilled, first token after {s.last_time_to_first_token:.2f} s, "
+                f"{s.last_new_tokens} new tokens, {rate}]")
         if not args.chat:
             return
         question = None

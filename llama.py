@@ -255,15 +255,28 @@ class Llama(nn.Module):
         self._rope = None  # (cos, sin) tables, built on first use on the weights' device
 
     def setup_cache(self, batch: int, max_len: int):
-        """Preallocate keys/values for max_len positions (an existing cache of that shape is kept); `remove_cache` frees them."""
+        """Preallocate keys/values for max_len positions; `remove_cache` frees them. An existing cache of that
+        shape is kept; a shorter one of the same batch grows with its contents copied (a chat goes on in it)."""
         c, w = self.config, self.lm_head.weight
         if max_len > c.max_position_embeddings:
             raise ValueError(f"{max_len} positions exceed the model's context of {c.max_position_embeddings} tokens")
         cache = self.model.layers[0].self_attn.kv_cache
-        if cache is not None and cache.k.shape == (batch, c.num_key_value_heads, max_len, c.head_dim) and cache.k.dtype == w.dtype:
+        same = cache is not None and cache.k.dtype == w.dtype and cache.k.device == w.device
+        if same and cache.k.shape == (batch, c.num_key_value_heads, max_len, c.head_dim):
             return  # a compiled decode_step replays its CUDA graph only on the same buffers
-        for layer in self.model.layers:
+        grow = same and cache.k.shape[0] == batch and cache.k.shape[2] < max_len
+        for layer in self.model.layers:  # one layer at a time: at most one layer's old and new buffers at once
+            old = layer.self_attn.kv_cache
             layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
+            if grow:
+                n = old.k.shape[2]
+                layer.self_attn.kv_cache.k[:, :, :n] = old.k
+                layer.self_attn.kv_cache.v[:, :, :n] = old.v
+
+    def cache_length(self, batch: int) -> int:
+        """Positions the KV cache holds for this batch size (0: no cache, or one for another batch)."""
+        cache = self.model.layers[0].self_attn.kv_cache
+        return cache.k.shape[2] if cache is not None and cache.k.shape[0] == batch else 0
 
     def remove_cache(self):
         for layer in self.model.layers:

@@ -289,7 +289,7 @@ class VipLlavaProcessor:
         rows = []
         for i, t in enumerate(texts):
             # As transformers does: expand in the string, then tokenize (the post-processor adds <s>).
-            ids = self.tokenizer.encode(t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_length)).ids
+            ids = self.encode(t)
             if len(ids) > self.context_length:
                 raise ValueError(f"prompt {i} is {len(ids)} tokens long once each {IMAGE_TOKEN} is expanded to "
                                  f"{self.image_seq_length}, more than the model's context of {self.context_length}: "
@@ -308,6 +308,10 @@ class VipLlavaProcessor:
             mode = image_mode or self.image_mode
             out["pixel_values"] = torch.stack([preprocess(x, mode, self.image_config) for x in flat])  # (N, 3, H, W)
         return out
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one prompt, as __call__ makes them: each <image> expanded, then tokenized (with <s>)."""
+        return self.tokenizer.encode(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_length)).ids
 
     def apply_chat_template(self, conversation: list, add_generation_prompt: bool = False,
                             template: str | None = None) -> str:

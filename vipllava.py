@@ -16,6 +16,7 @@ Usage: python vipllava.py --image photo.jpg --prompt "What is inside the red box
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from llama import Linear, Llama, LlamaConfig
+from processor import IMAGE_TOKEN, SYSTEM_PROMPT
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
+CACHE_STEP = 256  # a kept KV cache grows by this many positions, so that a compiled decode step is reused
 # transformers' VipLlavaConfig builds CLIP ViT-L/14-336 when config.json has no vision_config at all.
 DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                       image_size=336, patch_size=14)
@@ -126,18 +129,20 @@ class VipLlava(nn.Module):
         x = torch.cat([s[:, 1:] for s in states], dim=-1)  # (N, 576, 5*D): CLS dropped, layers side by side
         return self.multi_modal_projector(x)
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with the image features written into the <image> positions, (B, T, C)."""
+    def embed(self, input_ids, pixel_values=None, image_features=None):
+        """Token embeddings with the image features written into the <image> positions, (B, T, C).
+        image_features (N, 576, C), from get_image_features, stand in for pixel_values (a chat reuses them)."""
         x = self.language_model.model.embed_tokens(input_ids)  # (B, T, C)
         is_image = input_ids == self.config.image_token_index  # (B, T)
-        n_tokens, n_images = int(is_image.sum()), 0 if pixel_values is None else len(pixel_values)
+        images = pixel_values if image_features is None else image_features
+        n_tokens, n_images = int(is_image.sum()), 0 if images is None else len(images)
         if n_tokens != n_images * self.config.image_seq_length:
             raise ValueError(
                 f"the input has {n_tokens} <image> token(s) but {n_images} image(s) give "
                 f"{n_images * self.config.image_seq_length} image features ({self.config.image_seq_length} per image): "
                 f"write one <image> per image in the prompt and let VipLlavaProcessor expand it")
         if n_images:
-            features = self.get_image_features(pixel_values)  # (N, 576, C), images in batch order
+            features = self.get_image_features(pixel_values) if image_features is None else image_features  # (N, 576, C)
             x = x.masked_scatter(is_image[..., None], features.to(x.dtype))
         return x
 
@@ -149,22 +154,33 @@ class VipLlava(nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 eos_token_id=None, stop_strings=None, seed=None, streamer=None, tokenizer=None):
+                 eos_token_id=None, stop_strings=None, seed=None, streamer=None, tokenizer=None,
+                 image_features=None, input_pos: int = 0, keep_cache: bool = False):
         """New token ids (B, N): one prefill, then one token per step through the KV cache.
 
         Greedy when temperature is 0. Rows stop on their own (EOS, kept in the output as transformers
         does, or a stop string, cut from it); finished rows are padded. `stop_strings` and `streamer`
         (a callable fed row 0's text as it becomes final) need `tokenizer` (the processor).
+
+        Continuing (what ChatSession does): `keep_cache=True` leaves the KV cache allocated and filled, and
+        a later call with `input_pos=P` prefills only its input_ids, at positions P.., after the P positions
+        already cached (attention_mask, if given, then covers all P + T). The cache grows in steps of
+        CACHE_STEP positions. `image_features` (from get_image_features) replace pixel_values.
+        The repetition penalty sees input_ids only, not the cached positions.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if (stop_strings or streamer) and tokenizer is None:
             raise ValueError("stop_strings and streamer need tokenizer= (a VipLlavaProcessor) to read the text")
         B, T = input_ids.shape
+        P = input_pos + T  # positions in the cache once the prompt is in
         lm, context = self.language_model, self.config.text_config.max_position_embeddings
-        if T + max_new_tokens > context:
-            raise ValueError(f"the prompt has {T} tokens; with max_new_tokens={max_new_tokens} that is {T + max_new_tokens}, "
+        if P + max_new_tokens > context:
+            raise ValueError(f"the prompt has {P} tokens; with max_new_tokens={max_new_tokens} that is {P + max_new_tokens}, "
                              f"more than the model's context of {context}: shorten the prompt or lower max_new_tokens")
+        if input_pos and lm.cache_length(B) < input_pos:
+            raise ValueError(f"input_pos={input_pos} continues a KV cache of at least {input_pos} positions at batch {B}, "
+                             f"but the model holds {lm.cache_length(B)}: call generate with keep_cache=True first")
         device = lm.lm_head.weight.device
         input_ids = input_ids.to(device)
         eos = torch.tensor(eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id,
@@ -173,31 +189,34 @@ class VipLlava(nn.Module):
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         mask = None  # no padding: no mask tensor, so SDPA may take its flash path
         if attention_mask is not None and not bool(attention_mask.all()):
-            mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
-            mask[:, :T] = attention_mask
+            mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)
+            mask[:, :P] = attention_mask
         stops = StopStrings(tokenizer, stop_strings or [], B) if tokenizer is not None else None
         static = self.compiled_step is not None
-        # A compiled step is specialised to the cache size: round it up so that most prompts share one graph.
-        max_len = min(-(-(T + max_new_tokens) // 256) * 256, context) if static else T + max_new_tokens
+        # A compiled step is specialised to the cache size: round it up so that most prompts (and a chat's
+        # turns) share one graph. A continued cache never shrinks: it holds the positions before input_pos.
+        max_len = min(-(-(P + max_new_tokens) // CACHE_STEP) * CACHE_STEP, context) if static or keep_cache else P + max_new_tokens
+        max_len = max(max_len, lm.cache_length(B)) if input_pos else max_len
 
         lm.setup_cache(B, max_len)
         try:
             pv = None if pixel_values is None else pixel_values.to(device)
-            logits = lm(inputs_embeds=self.embed(input_ids, pv), attention_mask=None if mask is None else mask[:, :T],
+            x = self.embed(input_ids, pv, image_features)  # (B, T, C)
+            logits = lm(inputs_embeds=x, attention_mask=None if mask is None else mask[:, :P], input_pos=input_pos,
                         last_only=True)[:, -1]  # (B, vocab)
             if static:  # the cache slots each row may attend to, and each row's count of real tokens
                 visible = torch.zeros(B, max_len, dtype=torch.bool, device=device)
-                visible[:, :T] = True if mask is None else mask[:, :T].bool()
+                visible[:, :P] = True if mask is None else mask[:, :P].bool()
                 n_real = visible.sum(-1, keepdim=True)  # (B, 1): the position of each row's next token
                 slots = torch.arange(max_len, device=device)
 
-            def decode(token, step):  # logits (B, vocab) after the token at cache slot T + step
+            def decode(token, step):  # logits (B, vocab) after the token at cache slot P + step
                 if static:
-                    visible[:, T + step] = True
-                    return self.compiled_step(token[:, None], n_real + step, slots[T + step:T + step + 1],
+                    visible[:, P + step] = True
+                    return self.compiled_step(token[:, None], n_real + step, slots[P + step:P + step + 1],
                                               visible[:, None, None]).clone()  # cloned: the graph reuses its output
-                return lm(token[:, None], attention_mask=None if mask is None else mask[:, :T + step + 1],
-                          input_pos=T + step)[:, -1]
+                return lm(token[:, None], attention_mask=None if mask is None else mask[:, :P + step + 1],
+                          input_pos=P + step)[:, -1]
 
             seen, done, out = input_ids, torch.zeros(B, dtype=torch.bool, device=device), []
             for step in range(max_new_tokens):
@@ -222,7 +241,7 @@ class VipLlava(nn.Module):
                 if not queued:
                     logits = decode(token, step)
         finally:
-            if not static:  # a compiled step keeps its cache: its CUDA graph replays on those buffers
+            if not (static or keep_cache):  # a compiled step keeps its cache: its CUDA graph replays on those buffers
                 lm.remove_cache()
         new = torch.stack(out, dim=1)  # (B, N)
         if stops is not None:
@@ -327,6 +346,148 @@ class StopStrings:
             if keep is not None:
                 new[b, keep:] = pad
         return new
+
+
+# ---------------------------------------------------------------------------- conversations
+class ChatSession:
+    """A conversation about one image that keeps its KV cache from turn to turn.
+
+    Each `ask` renders the whole conversation as a fresh prompt (apply_chat_template, then the processor's
+    tokens), compares it with the token ids whose keys and values are cached, and prefills from the first
+    difference only: the new question and the template's separators, plus the last tokens of the previous
+    answer where its text tokenizes differently from how it was generated (the `###` stop string, a space).
+    So a greedy answer is token for token what `generate` gives over the full prompt. The image is encoded
+    once. When a turn would not fit the context, the oldest question/answer pairs after the first are dropped.
+
+    After `ask`: `conversation` (the messages, system included), `last_prefill_tokens`, `last_new_tokens`,
+    `last_token_ids` (generate's output), `last_time_to_first_token` (s until the first text of the answer),
+    `last_seconds`, `last_dropped` (pairs dropped for the context). The session keeps its own cache, so
+    several sessions may share a model (switching between them costs a full prefill); `close()` frees it.
+    """
+
+    def __init__(self, model: VipLlava, processor, image=None, system: str | None = None, template: str = "vipllava",
+                 image_mode: str = "pad"):
+        self.model, self.processor, self.image, self.template = model, processor, image, template
+        processor.apply_chat_template([{"role": "user", "content": "?"}], template=template)  # an unknown one fails now
+        system = SYSTEM_PROMPT if system is None else system  # "" : no system line
+        self.system = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        self.conversation = list(self.system)
+        self.pixel_values = None if image is None else processor(IMAGE_TOKEN, images=[image], image_mode=image_mode)["pixel_values"]
+        self.image_features = None  # (1, 576, C), computed on the first turn that needs them
+        self.ids, self.cache = [], None  # token ids whose keys/values `cache` (one KVCache per layer) holds
+        self.last_prefill_tokens = self.last_new_tokens = self.last_dropped = 0
+        self.last_token_ids, self.last_time_to_first_token, self.last_seconds = [], 0.0, 0.0
+
+    def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+            top_p: float = 1.0, seed=None, streamer=None) -> str:
+        """The answer to `question` (stripped), streamed piece by piece to `streamer` if given."""
+        if IMAGE_TOKEN in question:
+            raise ValueError(f"the question contains {IMAGE_TOKEN}: the session's image is given once, to "
+                             f"ChatSession(image=...); write the question without it")
+        first = not any(m["role"] == "user" for m in self.conversation)
+        content = [{"type": "image"}] * (first and self.image is not None) + [{"type": "text", "text": question}]
+        conversation, prompt, dropped = self.fit(self.conversation + [{"role": "user", "content": content}], max_new_tokens)
+        t0, first_piece = time.perf_counter(), []
+
+        def stream(piece):
+            if piece and not first_piece:
+                first_piece.append(time.perf_counter())
+            if streamer:
+                streamer(piece)
+
+        stops = ["###"] if self.template == "vipllava" else None
+        new = self.continue_with(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, stop_strings=stops, streamer=stream)
+        out = new[0].tolist()
+        self.remember(prompt, out[:-1])  # the last token was sampled, not fed (on a GPU it may be: never mind)
+        answer = self.processor.decode(out, skip_special_tokens=True).strip()
+        self.conversation = conversation + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self.last_seconds = time.perf_counter() - t0
+        self.last_time_to_first_token = (first_piece[0] if first_piece else time.perf_counter()) - t0
+        self.last_new_tokens, self.last_token_ids, self.last_dropped = len(out), out, dropped
+        return answer
+
+    def prefill(self) -> int:
+        """Prefill the conversation as it stands (the image and system line, before a first question), so that
+        the next `ask` starts sooner; also after editing `conversation`. Returns the tokens prefilled."""
+        conversation = self.conversation
+        if self.image is not None and not any(m["role"] == "user" for m in conversation):
+            conversation = conversation + [{"role": "user", "content": [{"type": "image"}]}]
+        if not conversation:
+            return 0
+        prompt = self.processor.encode(self.processor.apply_chat_template(conversation, template=self.template))
+        self.continue_with(prompt, max_new_tokens=1)
+        self.remember(prompt, [])
+        return self.last_prefill_tokens
+
+    def reset(self):
+        """Forget the turns; keep the image, its features and the cache (the next prompt starts as the
+        cached one did, with the system line and the image, and that part is not prefilled again)."""
+        self.conversation = list(self.system)
+
+    def close(self):
+        """Free the KV cache (the session stays usable: its next turn prefills everything again)."""
+        self.ids, self.cache = [], None
+
+    def fit(self, conversation: list, max_new_tokens: int):
+        """(conversation, its prompt ids, pairs dropped): the oldest question/answer pairs after the first are
+        dropped until the prompt and max_new_tokens fit the context. The input list is left as it is."""
+        context, dropped = self.model.config.text_config.max_position_embeddings, 0
+        first_pair = len(self.system)  # the first user message: the image turn, kept
+        while True:
+            rendered = self.processor.apply_chat_template(conversation, add_generation_prompt=True, template=self.template)
+            prompt = self.processor.encode(rendered)
+            if len(prompt) + max_new_tokens <= context:
+                break
+            if len(conversation) - first_pair < 5:  # first question, its answer, the new question: nothing to drop
+                kept = "" if len(conversation) - first_pair == 1 else " with only the first question and answer kept"
+                raise ValueError(f"this turn's prompt takes {len(prompt)} tokens{kept}; with max_new_tokens={max_new_tokens} "
+                                 f"that is {len(prompt) + max_new_tokens}, more than the model's context of {context}: "
+                                 f"ask a shorter question, lower max_new_tokens, or start a new ChatSession")
+            conversation = conversation[:first_pair + 2] + conversation[first_pair + 4:]
+            dropped += 1
+        if dropped:
+            weights.log(f"[the conversation outgrew the context of {context} tokens: dropped the {dropped} oldest "
+                        f"question/answer pair(s) after the first]")
+        return conversation, prompt, dropped
+
+    def continue_with(self, prompt: list[int], **generate_kw):
+        """generate over `prompt`, prefilling only what follows the longest cached prefix."""
+        start = 0
+        for cached, new in zip(self.ids, prompt):
+            if cached != new:
+                break
+            start += 1
+        start = min(start, len(prompt) - 1)  # at least one token to prefill: its logits give the first new token
+        image_id, features = self.processor.image_token_id, None
+        if image_id in prompt[start:]:  # the image is prefilled whole, never from the middle of its positions
+            start = min(start, prompt.index(image_id))
+            if self.image_features is None:
+                with torch.inference_mode():
+                    device = self.model.language_model.lm_head.weight.device
+                    self.image_features = self.model.get_image_features(self.pixel_values.to(device))
+            features = self.image_features
+        self.ids = self.ids[:start]  # generate overwrites the cache from `start` on
+        layers = self.model.language_model.model.layers
+        for layer, cache in zip(layers, self.cache or [None] * len(layers)):  # this session's cache into the model
+            layer.self_attn.kv_cache = cache
+        try:
+            new = self.model.generate(torch.tensor([prompt[start:]]), image_features=features, input_pos=start,
+                                      keep_cache=True, tokenizer=self.processor, **generate_kw)
+        finally:  # and out again, so that nothing else writes into it
+            self.cache = [layer.self_attn.kv_cache for layer in layers]
+            self.model.language_model.remove_cache()
+        self.last_prefill_tokens = len(prompt) - start
+        return new
+
+    def remember(self, prompt: list[int], fed: list[int]):
+        """The ids now cached: the prompt and the generated tokens fed back. Tokens a stop string cut were
+        replaced by padding in generate's output: trailing pad ids are left out (at worst re-prefilled)."""
+        eos = torch.tensor(self.model.config.text_config.eos_token_id).flatten()
+        pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else int(eos[0])  # as generate
+        while fed and fed[-1] == pad:
+            fed = fed[:-1]
+        self.ids = prompt + fed
 
 
 if __name__ == "__main__":  # the command line lives in cli.py
