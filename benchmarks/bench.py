@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --preset 7b-shaped --dtype float32 bfloat16 [--repeats 3] [--json]
     python benchmarks/bench.py --device cuda --text-layers 32 --dtype bfloat16 --repeats 1 --compile
+    python benchmarks/bench.py --chat --preset 7b-shaped   # a ChatSession's turn 2 vs turn 1 (ours only)
 
 Each side runs in its own fresh subprocess (so load time and peak memory are its own), the sides
 alternate for --repeats rounds, and the table shows medians. Measured per side: load time
@@ -200,6 +201,83 @@ def spawn(*args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------- conversations (--chat)
+CHAT_QUESTION, CHAT_ANSWER = 20, 40  # tokens of each question, and of the answer turn 2 follows
+
+
+def words_of(processor, n_tokens: int, offset: int = 0) -> str:
+    """Words of the tokenizer's own corpus (so they are ordinary pieces) that tokenize to n_tokens tokens."""
+    from tiny_checkpoint import CORPUS
+
+    text = ""
+    for word in (CORPUS.split()[offset:] + CORPUS.split()) * 2:
+        longer = (text + " " + word).strip()
+        n = len(processor.tokenizer.encode(longer, add_special_tokens=False).ids)
+        if n <= n_tokens:  # a word that would overshoot is skipped: a shorter one comes along
+            text = longer
+        if n == n_tokens:
+            return text
+    raise ValueError(f"no text of {n_tokens} tokens in the corpus")
+
+
+def chat_worker(folder: Path, dtype_name: str, device: str, repeats: int) -> dict:
+    """Time to first token of a ChatSession's turn 2 (a 20-token question after a 40-token answer) against
+    turn 1 (vision tower + prefill of the system line, the image and a 20-token question), and against
+    turn 2 prefilled from scratch (one generate over the whole prompt: what --chat did before sessions).
+    The turn-1 answer is a fixed 40-token text (the random model's own would be gibberish of any length),
+    put in the cache with ChatSession.prefill as if the model had generated it."""
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from processor import VipLlavaProcessor
+    from vipllava import ChatSession, VipLlava
+
+    torch.manual_seed(0)
+    model = VipLlava.from_pretrained(folder, dtype=getattr(torch, dtype_name), device=device, verbose=False)
+    processor = VipLlavaProcessor.from_pretrained(folder)
+    size = json.loads((folder / "config.json").read_text())["vision_config"]["image_size"]
+    image = Image.fromarray(torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy())
+    # From the corpus' "What is shown in this image? ...", "How many people ...", "The assistant gives ...".
+    q1, q2, answer = (words_of(processor, n, at) for n, at in [(CHAT_QUESTION, 24), (CHAT_QUESTION, 159), (CHAT_ANSWER, 11)])
+
+    def timed(fn):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    runs = []
+    for r in range(repeats + 1):  # the first round warms up (fresh memory, kernels) and is not counted
+        chat = ChatSession(model, processor, image=image)
+        turn1 = timed(lambda: chat.ask(q1, max_new_tokens=1))
+        prefill1 = chat.last_prefill_tokens
+        chat.conversation[-1] = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+        chat.prefill()
+        turn2 = timed(lambda: chat.ask(q2, max_new_tokens=1))
+        prompt = processor.apply_chat_template(chat.conversation[:-1], add_generation_prompt=True)
+        inputs = {k: v.to(device) for k, v in processor(prompt, images=[image]).items()}
+        scratch = timed(lambda: model.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=1))
+        chat.close()
+        if r:
+            runs.append(dict(turn1_s=turn1, turn2_s=turn2, scratch_s=scratch, turn1_prefill=prefill1,
+                             turn2_prefill=chat.last_prefill_tokens, turn2_prompt=inputs["input_ids"].shape[1]))
+    med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+    return med | {"turn2_over_turn1": med["turn2_s"] / med["turn1_s"], "turn2_over_scratch": med["turn2_s"] / med["scratch_s"],
+                  "runs": runs}
+
+
+def chat_table(r: dict, title: str) -> str:
+    return "\n".join([
+        f"| {title}: chat, time to first token | s | tokens prefilled |", "|---|---:|---:|",
+        f"| turn 1: vision + system line, image, {CHAT_QUESTION}-token question | {r['turn1_s']:.3f} | {r['turn1_prefill']:.0f} |",
+        f"| turn 2: {CHAT_QUESTION}-token question after a {CHAT_ANSWER}-token answer, ChatSession | {r['turn2_s']:.3f} | {r['turn2_prefill']:.0f} |",
+        f"| turn 2 from scratch (vision + the whole prompt, as before sessions) | {r['scratch_s']:.3f} | {r['turn2_prompt']:.0f} |",
+        f"\nturn 2 / turn 1: {r['turn2_over_turn1']:.3f}x; turn 2 / from scratch: {r['turn2_over_scratch']:.3f}x; "
+        f"medians of {len(r['runs'])} round(s) in one process"])
+
+
 # ---------------------------------------------------------------------------- the parent
 def bench(preset: str, dtype: str, repeats: int, text_layers: int, cache_dir: Path, with_reference: bool,
           device: str = "cpu", compiled: bool = False) -> dict:
@@ -291,10 +369,24 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also measure ours with compile_decode() (for CUDA)")
     p.add_argument("--no-reference", action="store_true", help="measure ours only (ratios are null)")
     p.add_argument("--json", action="store_true", help="print one JSON object per dtype instead of tables")
+    p.add_argument("--chat", action="store_true", help="instead: a ChatSession's time to first token, turn 2 vs turn 1 (ours only)")
+    p.add_argument("--chat-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["ours", "ours_compiled", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.chat_worker:
+        print(json.dumps(chat_worker(args.folder, args.dtype[0], args.device, args.repeats)))
+        return
+    if args.chat:  # conversations: one worker per dtype, ours only
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+        folder = checkpoint(args.preset, args.text_layers, args.cache_dir, args.device)
+        for dtype in args.dtype:
+            r = spawn("--chat-worker", "--folder", folder, "--dtype", dtype, "--device", args.device, "--repeats", args.repeats)
+            text_layers = json.loads((folder / "config.json").read_text())["text_config"]["num_hidden_layers"]
+            title = f"{args.preset} ({text_layers} text layers), {dtype}, {args.device}"
+            print(json.dumps(r | {"preset": args.preset, "dtype": dtype}) if args.json else chat_table(r, title) + "\n", flush=True)
+        return
     if args.worker:
         print(json.dumps(model_worker(args.worker, args.folder, args.dtype[0], args.device)))
         return
