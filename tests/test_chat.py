@@ -109,6 +109,21 @@ def test_gpu_step_order_and_fixed_shape_step_stay_exact(pair, image, order, monk
     model.language_model.remove_cache()
 
 
+@pytest.mark.parametrize("fixed_shape", [False, True], ids=["eager", "fixed-shape step"])
+def test_the_cache_grows_in_steps_keeping_what_it_holds(pair, image, fixed_shape, monkeypatch):
+    model, processor = pair
+    monkeypatch.setattr(vipllava, "CACHE_STEP", 32)  # so that every turn outgrows it
+    if fixed_shape:
+        monkeypatch.setattr(model, "compiled_step", model.language_model.decode_step)
+    chat = ChatSession(model, processor, image=image)
+    lengths = []
+    for q in QUESTIONS:
+        check_turns(model, processor, chat, list(chat.conversation), image, [q])
+        lengths.append(chat.cache[0].k.shape[2])
+    assert all(n % 32 == 0 for n in lengths) and lengths[0] < lengths[1] < lengths[2], lengths
+    model.language_model.remove_cache()
+
+
 def test_turn_two_prefills_only_the_tokens_after_what_is_cached(pair, image):
     model, processor = pair
     chat = ChatSession(model, processor, image=image)
@@ -210,6 +225,14 @@ def test_a_turn_that_cannot_fit_is_a_clear_error_and_the_session_goes_on(small, 
     assert chat.ask(QUESTIONS[1], max_new_tokens=8) == expected and chat.last_token_ids == ids
     with pytest.raises(ValueError, match="this turn's prompt takes \\d+ tokens; with max_new_tokens=8"):
         ChatSession(model, processor, image=image).ask("the cat " * 100, max_new_tokens=8)
+
+
+def test_streamed_pieces_make_the_answer_and_timings_are_recorded(pair, image):
+    model, processor = pair
+    chat, streamed = ChatSession(model, processor, image=image), []
+    answer = chat.ask(QUESTIONS[0], max_new_tokens=12, streamer=streamed.append)
+    assert len(streamed) > 2 and "".join(streamed).strip() == answer
+    assert 0 < chat.last_time_to_first_token <= chat.last_seconds and chat.last_new_tokens == len(chat.last_token_ids)
 
 
 def test_unknown_template_fails_at_once(pair):
