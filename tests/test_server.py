@@ -300,6 +300,11 @@ def test_a_model_that_does_not_load_ends_the_server_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def canvas_pixels(page):  # (300, 451, 3): what the page's canvas shows, in the photo's pixels
+    shown = page.evaluate("() => Array.from($('canvas').getContext('2d').getImageData(0, 0, 451, 300).data)")
+    return np.array(shown, dtype=np.uint8).reshape(300, 451, 4)[..., :3]
+
+
 def test_page_draw_a_box_ask_and_see_the_streamed_answer(url, library):
     """The page in headless Chromium: open a photo, drag a box with the mouse, ask, read the streamed answer."""
     if not CHROMIUM.exists():
@@ -344,10 +349,32 @@ def test_page_draw_a_box_ask_and_see_the_streamed_answer(url, library):
             expected, _, _ = library_answer(library, [template_user("What is inside the red box?")], [image], 16)
             assert expected.strip() and answer.text_content() == expected
             # The canvas shows the image the server drew (the box in the photo's pixels), not a local sketch.
-            shown = page.evaluate("() => Array.from($('canvas').getContext('2d').getImageData(0, 0, 451, 300).data)")
-            shown = np.array(shown, dtype=np.uint8).reshape(300, 451, 4)[..., :3]
-            assert np.array_equal(shown, np.asarray(image))
-            assert not offsite, offsite
+            assert np.array_equal(canvas_pixels(page), np.asarray(image))
+
+            # A follow-up continues the conversation: the page resends it whole, the photo in the first turn.
+            page.fill("#question", "And what colour is it?")
+            with page.expect_request("**/v1/chat/completions") as sent:
+                page.click("#send")
+            messages = sent.value.post_data_json["messages"]
+            assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+            assert messages[0]["content"][0] == part and messages[1]["content"] == expected
+            assert messages[2]["content"] == "And what colour is it?"
+            page.wait_for_function("document.querySelectorAll('.assistant[data-done=true]').length == 2", timeout=120_000)
             page.screenshot(path=str(ROOT / "docs" / "server_page.png"))
+
+            # A second mark (an arrow), then undo: the canvas is back to the server's image with the box alone.
+            page.click("button[data-shape=arrow]")
+            with page.expect_response("**/v1/draw", timeout=30_000):
+                page.mouse.move(box["x"] + 0.9 * box["width"], box["y"] + 0.9 * box["height"])
+                page.mouse.down()
+                page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + 0.6 * box["height"], steps=5)
+                page.mouse.up()
+            assert "red arrow" in page.text_content("#marks")
+            with page.expect_response("**/v1/draw", timeout=30_000):
+                page.click("#undo")
+            page.wait_for_function("!document.getElementById('marks').textContent.includes('arrow')")
+            page.wait_for_timeout(300)  # the returned image's onload repaints the canvas
+            assert np.array_equal(canvas_pixels(page), np.asarray(image))
+            assert not offsite, offsite
         finally:
             browser.close()
