@@ -21,5 +21,6 @@ def test_linked_files_exist():
 
 def test_the_test_command_is_the_one_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -q -e ".[test]"' in ci and "python -m pytest -q" in ci
-    assert 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q' in README
+    assert 'pip install -q -e ".[test,serve]"' in ci and "python -m pytest -q" in ci and "apt-get install -y -q chromium" in ci
+    assert "export REQUIRE_BROWSER=1" in ci
+    assert 'pip install torch==2.13.0 && pip install -e ".[test,serve]" && python -m pytest -q' in README

@@ -1,0 +1,380 @@
+"""server.py: the real `openai` client against the server in a subprocess on a tiny checkpoint (loopback only),
+and the drawing page in a real headless Chromium. Every answer is compared with the library's own answer
+for the same conversation and image."""
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+import server
+import tiny_checkpoint
+from processor import SYSTEM_PROMPT, VipLlavaProcessor, draw_visual_prompt, load_image
+from vipllava import VipLlava
+
+ROOT = Path(__file__).resolve().parent.parent
+CAT = ROOT / "tests" / "images" / "chelsea.png"  # 451x300
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's, installed by .ci/run
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def data_url(raw: bytes, kind="png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(raw).decode()
+
+
+CAT_URL = data_url(CAT.read_bytes())
+BOX = {"shape": "box", "coords": [125, 75, 215, 155], "color": "red"}
+
+
+def image_part(url=CAT_URL, marks=(BOX,)):
+    return {"type": "image_url", "image_url": {"url": url}, "visual_prompts": list(marks)}
+
+
+def ask(question, part=None):
+    return {"role": "user", "content": ([part or image_part()] if part is not False else []) + [{"type": "text", "text": question}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # named so that the README's screenshot says what answered: random weights, gibberish answers
+    return tiny_checkpoint.write_checkpoint(tmp_path_factory.mktemp("server") / "tiny-random-vipllava", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def library(checkpoint):
+    return VipLlava.from_pretrained(checkpoint, verbose=False), VipLlavaProcessor.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint, tmp_path_factory):
+    """The server in a subprocess; its stderr goes to a file, checked at the end for tracebacks."""
+    port, log = free_port(), tmp_path_factory.mktemp("log") / "server.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--model", str(checkpoint), "--port", str(port)],
+                                cwd=ROOT, stdout=err, stderr=err)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # up to 60 s to start and load
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the server did not become ready:\n{log.read_text()}")
+        yield base
+        assert "Traceback" not in log.read_text(), log.read_text()  # no request took the bug path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def library_answer(library, messages, images, n, stop=(), **sampling):
+    """The library's answer for the same conversation: the system line the server adds, then generate."""
+    model, processor = library
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}] + messages
+    inputs = processor(processor.apply_chat_template(conversation, add_generation_prompt=True), images=images)
+    new = model.generate(inputs["input_ids"], inputs.get("pixel_values"), max_new_tokens=n, stop_strings=["###", *stop],
+                         tokenizer=processor, **sampling)
+    return processor.decode(new[0], skip_special_tokens=True), inputs["input_ids"].shape[1], new.shape[1]
+
+
+def template_user(text, image=True):
+    return {"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}
+
+
+def cat_with_box():
+    return draw_visual_prompt(load_image(CAT), "box", BOX["coords"], "red")
+
+
+def test_answer_and_stream_equal_the_library_greedy_answer(client, library):
+    expected, n_prompt, n_new = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 24)
+    assert expected.strip()
+    r = client.chat.completions.create(model="vipllava", messages=[ask("What is in the red box?")], max_tokens=24)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == ("length" if n_new == 24 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, n_new, n_prompt + n_new)
+
+    chunks = list(client.chat.completions.create(model="vipllava", messages=[ask("What is in the red box?")],
+                                                 max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # it did stream, in pieces
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n_new
+
+
+def test_stream_is_server_sent_events_ending_with_done(url):
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_follow_up_question_sends_the_whole_conversation(client, library):
+    first, _, _ = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 12)
+    history = [template_user("What is in the red box?"), {"role": "assistant", "content": [{"type": "text", "text": first}]},
+               template_user("And what colour is it?", image=False)]
+    expected, _, _ = library_answer(library, history, [cat_with_box()], 12)
+    r = client.chat.completions.create(model="m", max_tokens=12, messages=[
+        ask("What is in the red box?"), {"role": "assistant", "content": first}, ask("And what colour is it?", False)])
+    assert r.choices[0].message.content == expected
+
+
+def test_text_only_string_content_and_seeded_sampling(client, library):
+    expected, _, _ = library_answer(library, [template_user("Tell me a story.", image=False)], None, 16,
+                                    temperature=1.0, top_p=0.9, seed=7)
+    answers = [client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me a story."}],
+                                              max_tokens=16, temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
+               for _ in range(2)]
+    assert answers == [expected, expected]
+
+
+def test_stop_strings_end_the_answer(client, library):
+    full, _, _ = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 24)
+    stop = full.strip()[4:6]  # two characters from inside the answer
+    expected, _, _ = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 24, [stop])
+    r = client.chat.completions.create(model="m", messages=[ask("What is in the red box?")], max_tokens=24, stop=stop)
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    assert len(expected) < len(full) and stop not in expected
+
+
+def test_visual_prompts_give_the_pixels_of_draw_visual_prompt(url):
+    marks = [BOX, {"shape": "arrow", "coords": [400, 250, 300, 160], "color": "lime"},
+             {"shape": "scribble", "coords": [20, 20, 60, 80, 120, 40], "color": "0,0,255", "width": 6},
+             {"shape": "mask", "coords": [300, 20, 440, 30, 380, 120]}, {"shape": "point", "coords": [451, 300]}]
+    r = httpx.post(f"{url}/v1/draw", json=image_part(marks=marks), timeout=60)
+    assert r.status_code == 200, r.text
+    drawn = Image.open(io.BytesIO(base64.b64decode(r.json()["url"].split(",", 1)[1])))
+    expected = load_image(CAT)
+    for m in marks:
+        expected = draw_visual_prompt(expected, m["shape"], m["coords"], m.get("color", "red"), m.get("width"))
+    assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+    assert not np.array_equal(np.asarray(drawn), np.asarray(load_image(CAT).convert("RGB")))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: a decompression bomb's header, without its data."""
+    out = io.BytesIO()
+    Image.new("L", (1, 1)).save(out, format="PNG")
+    raw = bytearray(out.getvalue())
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + bytes(raw[24:29])  # chunk type, size, then depth etc.
+    raw[12:29] = ihdr
+    raw[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(raw)
+
+
+def chat(*messages, **extra):
+    return {"model": "m", "messages": list(messages), "max_tokens": 4, **extra}
+
+
+LONG = " ".join(["word"] * 3000)  # more than the tiny model's context of 2048 tokens
+ERRORS = {  # name: (body as JSON or raw bytes, status)
+    "bad JSON": (b'{"model": "m", "messages": [', 400),
+    "body not an object": ([1, 2], 400),
+    "no messages": ({"model": "m", "messages": []}, 400),
+    "unknown role": (chat({"role": "robot", "content": "hi"}), 400),
+    "image that does not decode": (chat(ask("hi", image_part(data_url(b"not an image at all"), []))), 400),
+    "image data that is not base64": (chat(ask("hi", image_part("data:image/png;base64,@@@@", []))), 400),
+    "URL without --allow-urls": (chat(ask("hi", image_part("http://127.0.0.1:9/cat.png", []))), 400),
+    "more images than <image> slots": (chat(ask("<image> and <image>: what is here?")), 400),
+    "an image in an assistant message": (chat(ask("hi"), {"role": "assistant", "content": [image_part()]}), 400),
+    "coordinates outside the image": (chat(ask("hi", image_part(marks=[{"shape": "box", "coords": [0, 0, 500, 100]}]))), 400),
+    "unknown shape": (chat(ask("hi", image_part(marks=[{"shape": "star", "coords": [1, 1, 9, 9]}]))), 400),
+    "unknown colour": (chat(ask("hi", image_part(marks=[{**BOX, "color": "mauve"}]))), 400),
+    "coordinates that are not numbers": (chat(ask("hi", image_part(marks=[{"shape": "box", "coords": "1,2,3,4"}]))), 400),
+    "prompt longer than the context": (chat({"role": "user", "content": LONG}), 400),
+    "prompt plus max_tokens over the context": (chat(ask("hi"), max_tokens=2000), 400),
+    "max_tokens < 1": (chat(ask("hi"), max_tokens=0), 400),
+    "temperature out of range": (chat(ask("hi"), temperature=5), 400),
+    "n > 1": (chat(ask("hi"), n=2), 400),
+    "body over 20 MB": (b'{"model": "m", "pad": "' + b"x" * (21 * 2**20) + b'"}', 413),
+    "image over the pixel limit": (chat(ask("hi", image_part(data_url(png_claiming(10_000, 10_000)), []))), 413),
+    "image over Pillow's bomb limit": (chat(ask("hi", image_part(data_url(png_claiming(30_000, 30_000)), []))), 413),
+}
+
+
+@pytest.mark.parametrize("name", ERRORS)
+def test_errors_have_their_status_and_the_server_keeps_serving(url, client, name):
+    body, status = ERRORS[name]
+    kwargs = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    for stream in (False, True) if isinstance(body, dict) else (False,):  # a stream request fails the same way, before it starts
+        r = httpx.post(f"{url}/v1/chat/completions", **kwargs if not stream else {"json": {**body, "stream": True}}, timeout=60)
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["message"] and "Traceback" not in r.text and error["type"]
+    ok = client.chat.completions.create(model="m", messages=[ask("What is in the red box?")], max_tokens=3)
+    assert ok.choices[0].message.content is not None
+
+
+def test_unknown_path_is_a_json_404(url):
+    r = httpx.get(f"{url}/v1/nothing", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_models_lists_the_served_model(client, checkpoint):
+    assert [m.id for m in client.models.list()] == [str(checkpoint)]
+
+
+def test_concurrent_requests_all_complete_with_the_same_answer(client, library):
+    expected, _, _ = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 16)
+    results, errors = [None] * 4, []
+
+    def one(i):
+        try:
+            messages = [ask("What is in the red box?")]
+            if i % 2:
+                stream = client.chat.completions.create(model="m", messages=messages, max_tokens=16, stream=True)
+                results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            else:
+                results[i] = client.chat.completions.create(model="m", messages=messages, max_tokens=16).choices[0].message.content
+        except Exception as e:  # reported below, so that a failure names its request
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and results == [expected] * 4
+
+
+def test_503_while_the_model_loads_then_answers(library):
+    """In process, with a load that waits for the test: deterministic, unlike racing a real load."""
+    from fastapi.testclient import TestClient
+
+    go = threading.Event()
+
+    def load():
+        assert go.wait(60)
+        return library
+
+    backend = server.Backend(load)
+    body = chat({"role": "user", "content": "Hello"})
+    with TestClient(server.make_app(backend, "m")) as http:
+        for path in ("/v1/chat/completions", "/health"):
+            r = http.post(path, json=body) if "chat" in path else http.get(path)
+            assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        assert http.get("/v1/models").status_code == 200  # the rest answers while loading
+        go.set()
+        assert backend.ready.wait(60)
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_a_model_that_does_not_load_ends_the_server_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "server.py"), "--model", str(tmp_path / "missing"),
+                        "--port", str(free_port())], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "server.py: error: the model did not load: no checkpoint folder" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def canvas_pixels(page):  # (300, 451, 3): what the page's canvas shows, in the photo's pixels
+    shown = page.evaluate("() => Array.from($('canvas').getContext('2d').getImageData(0, 0, 451, 300).data)")
+    return np.array(shown, dtype=np.uint8).reshape(300, 451, 4)[..., :3]
+
+
+def test_page_draw_a_box_ask_and_see_the_streamed_answer(url, library):
+    """The page in headless Chromium: open a photo, drag a box with the mouse, ask, read the streamed answer."""
+    if not CHROMIUM.exists():
+        missing = f"no browser: {CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("REQUIRE_BROWSER"):  # set by .ci/run: in CI this test runs or fails
+            pytest.fail(missing)
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1180, "height": 720})
+            offsite = []  # the page must work offline: nothing but the server may be asked for
+            page.on("request", lambda req: None if req.url.startswith(url) or req.url.startswith("data:")
+                    else offsite.append(req.url))
+            page.goto(url)
+            page.wait_for_selector("#status:has-text('model:')", timeout=30_000)
+            page.set_input_files("#file", str(CAT))
+            page.wait_for_selector("#canvas", state="visible")
+            box = page.locator("#canvas").bounding_box()
+            assert box["width"] > 500  # shown larger than its 451 pixels: the page must scale the mouse back
+            start, end = (0.27, 0.25), (0.48, 0.52)  # fractions of the canvas
+            with page.expect_response("**/v1/draw", timeout=30_000):
+                page.mouse.move(box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"])
+                page.mouse.down()
+                page.mouse.move(box["x"] + end[0] * box["width"], box["y"] + end[1] * box["height"], steps=8)
+                page.mouse.up()
+            coords = [round(f * size) for f, size in zip(start + end, (451, 300, 451, 300))]
+            page.fill("#max_tokens", "16")
+            page.fill("#question", "What is inside the red box?")
+            with page.expect_request("**/v1/chat/completions") as sent:
+                page.click("#send")
+            request = sent.value.post_data_json
+            part = request["messages"][0]["content"][0]
+            assert request["stream"] is True and part["image_url"]["url"] == CAT_URL  # the photo's own bytes
+            (mark,) = part["visual_prompts"]
+            assert mark["shape"] == "box" and mark["color"] == "red"
+            assert max(abs(a - b) for a, b in zip(mark["coords"], coords)) <= 1, (mark["coords"], coords)  # image pixels
+            answer = page.wait_for_selector(".assistant[data-done=true]", timeout=120_000)
+            image = draw_visual_prompt(load_image(CAT), "box", mark["coords"], "red")
+            expected, _, _ = library_answer(library, [template_user("What is inside the red box?")], [image], 16)
+            assert expected.strip() and answer.text_content() == expected
+            # The canvas shows the image the server drew (the box in the photo's pixels), not a local sketch.
+            assert np.array_equal(canvas_pixels(page), np.asarray(image))
+
+            # A follow-up continues the conversation: the page resends it whole, the photo in the first turn.
+            page.fill("#question", "And what colour is it?")
+            with page.expect_request("**/v1/chat/completions") as sent:
+                page.click("#send")
+            messages = sent.value.post_data_json["messages"]
+            assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+            assert messages[0]["content"][0] == part and messages[1]["content"] == expected
+            assert messages[2]["content"] == "And what colour is it?"
+            page.wait_for_function("document.querySelectorAll('.assistant[data-done=true]').length == 2", timeout=120_000)
+            page.screenshot(path=str(ROOT / "docs" / "server_page.png"))
+
+            # A second mark (an arrow), then undo: the canvas is back to the server's image with the box alone.
+            page.click("button[data-shape=arrow]")
+            with page.expect_response("**/v1/draw", timeout=30_000):
+                page.mouse.move(box["x"] + 0.9 * box["width"], box["y"] + 0.9 * box["height"])
+                page.mouse.down()
+                page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + 0.6 * box["height"], steps=5)
+                page.mouse.up()
+            assert "red arrow" in page.text_content("#marks")
+            with page.expect_response("**/v1/draw", timeout=30_000):
+                page.click("#undo")
+            page.wait_for_function("!document.getElementById('marks').textContent.includes('arrow')")
+            page.wait_for_timeout(300)  # the returned image's onload repaints the canvas
+            assert np.array_equal(canvas_pixels(page), np.asarray(image))
+            assert not offsite, offsite
+        finally:
+            browser.close()
