@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import weights
 from weights import log
@@ -67,8 +68,23 @@ def parse_args(argv=None):
     g.add_argument("--width", type=float, help="line width in pixels (default: scaled to the image size)")
     g.add_argument("--alpha", type=int, help="opacity 0-255 (default 255; masks 88)")
     g.add_argument("--save-annotated", metavar="PATH", help="write the marked image here")
+    q = p.add_argument_group("question files (questions.py; under torchrun each rank takes its share)")
+    q.add_argument("--questions", metavar="IN.jsonl", help='answer every line {"question_id", "image", "text", ...}')
+    q.add_argument("--answers", metavar="OUT.jsonl", help="append the answers here; a rerun skips those already in it")
+    q.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
+    q.add_argument("--merge", action="store_true", help="only merge the part files of a torchrun into --answers")
     p.set_defaults(marks=[])
     args = p.parse_args(argv)
+    if args.questions or args.answers or args.merge:
+        if not (args.questions and args.answers):
+            p.error("--questions and --answers go together (--merge needs both too)")
+        if args.image or args.prompt or args.chat:
+            p.error("--questions takes the images and questions from its file: drop --image, --prompt and --chat")
+        if not Path(args.questions).is_file():
+            p.error(f"no question file {args.questions}: check the path")
+        if args.batch_size < 1:
+            p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+        return args
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.marks and not args.image:
@@ -135,6 +151,12 @@ def main(argv=None):
     from processor import VipLlavaProcessor
 
     try:
+        if args.questions:
+            import questions
+
+            if args.merge:
+                return questions.finish(Path(args.questions), Path(args.answers), 1)
+            args.device = questions.setup_ranks(args.device)
         weights.resolve_device(args.device)
         image = annotate(args) if args.image else None
         t0 = time.perf_counter()
@@ -152,7 +174,10 @@ def main(argv=None):
         if args.compile:
             log("compiling the decode step on the first answer (about a minute for the 7B)")
             model.compile_decode()
-        chat(args, model, processor, image)
+        if args.questions:
+            questions.answer(args, model, processor)
+        else:
+            chat(args, model, processor, image)
     except (ValueError, OSError, KeyError, MemoryError, NotImplementedError) as e:
         fail(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     except KeyboardInterrupt:
