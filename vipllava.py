@@ -16,6 +16,8 @@ Usage: python vipllava.py --image photo.jpg --prompt "What is inside the red box
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -117,6 +119,14 @@ class VipLlava(nn.Module):
         self.language_model = Llama(config.text_config)
         self.compiled_step = None  # set by compile_decode
 
+    @property
+    def dtype(self) -> torch.dtype:  # as transformers' model.dtype (the embedding's: never quantized)
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:  # as transformers' model.device
+        return self.language_model.model.embed_tokens.weight.device
+
     def compile_decode(self, mode: str = "reduce-overhead"):
         """Decode through torch.compile'd `Llama.decode_step`: on CUDA one graph replay per token instead of
         hundreds of kernel launches. Each new (batch, cache size) compiles first: ~40 s for the 7B on an H200.
@@ -146,8 +156,52 @@ class VipLlava(nn.Module):
             x = x.masked_scatter(is_image[..., None], features.to(x.dtype))
         return x
 
+    def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, generating: bool = False):
+        """Check the model's inputs before any computation; returns attention_mask.
+
+        Without attention_mask, rows that start with the pad id are read as left-padded (the processor pads
+        on the left) and the mask is inferred: 0 over each row's leading pad ids, 1 from its first other id.
+        `generating`: padding on the right is refused (each row continues from the batch's last position).
+        """
+        c, v = self.config, self.config.vision_config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32) \
+                or input_ids.ndim != 2 or input_ids.numel() == 0:
+            got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a non-empty integer tensor (B, T), got {got}"
+                             + (": add a batch dimension with input_ids[None]" if getattr(input_ids, "ndim", 0) == 1 else ""))
+        lo, hi, vocab = int(input_ids.min()), int(input_ids.max()), c.text_config.vocab_size
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids hold ids from {lo} to {hi}, outside the model's vocabulary 0..{vocab - 1}: "
+                             f"tokenize with this checkpoint's processor")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(f"attention_mask has shape {got} but input_ids {tuple(input_ids.shape)}: they must be "
+                                 f"equal, (B, T)")
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+        elif c.pad_token_id is not None and bool((input_ids[:, 0] == c.pad_token_id).any()):
+            attention_mask = (input_ids != c.pad_token_id).long().cummax(-1).values  # (B, T): 0 before the first real id
+        if generating and attention_mask is not None:
+            m = attention_mask.long()
+            if bool((m[:, 1:] < m[:, :-1]).any()):
+                raise ValueError("attention_mask has padding after a real token: generate continues every row from the "
+                                 "last position, so pad on the left (as VipLlavaProcessor does)")
+        if pixel_values is not None:
+            want = (v.num_channels, v.image_size, v.image_size)
+            if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point() \
+                    or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+                got = (f"{pixel_values.dtype} {tuple(pixel_values.shape)}" if isinstance(pixel_values, torch.Tensor)
+                       else type(pixel_values).__name__)
+                raise ValueError(f"pixel_values must be a float tensor (N, {want[0]}, {want[1]}, {want[2]}) for this "
+                                 f"model's vision tower, got {got}: make them with VipLlavaProcessor"
+                                 + (" (one image: pixel_values[None])" if getattr(pixel_values, "ndim", 0) == 3 else ""))
+        return attention_mask
+
     def forward(self, input_ids, pixel_values=None, attention_mask=None, last_only: bool = False):
-        """`.logits` (B, T, vocab) for left-padded input_ids (B, T) holding 576 <image> ids per image."""
+        """`.logits` (B, T, vocab) for left-padded input_ids (B, T) holding 576 <image> ids per image.
+        Without attention_mask, leading pad ids are masked (see `check_inputs`)."""
+        attention_mask = self.check_inputs(input_ids, pixel_values, attention_mask)
         x = self.embed(input_ids, pixel_values)
         return VipLlavaOutput(self.language_model(inputs_embeds=x, attention_mask=attention_mask, last_only=last_only))
 
@@ -155,12 +209,15 @@ class VipLlava(nn.Module):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  eos_token_id=None, stop_strings=None, seed=None, streamer=None, tokenizer=None,
-                 image_features=None, input_pos: int = 0, keep_cache: bool = False):
-        """New token ids (B, N): one prefill, then one token per step through the KV cache.
+                 image_features=None, input_pos: int = 0, keep_cache: bool = False, do_sample=None):
+        """New token ids (B, N), the prompt not included (transformers returns both): one prefill, then one
+        token per step through the KV cache.
 
-        Greedy when temperature is 0. Rows stop on their own (EOS, kept in the output as transformers
-        does, or a stop string, cut from it); finished rows are padded. `stop_strings` and `streamer`
-        (a callable fed row 0's text as it becomes final) need `tokenizer` (the processor).
+        Greedy when temperature is 0; `do_sample` as in transformers (see `check_sampling`). Without
+        attention_mask, rows that start with the pad id are left padding (see `check_inputs`). Rows stop on
+        their own (EOS, kept in the output as transformers does, or a stop string, cut from it); finished
+        rows are padded. `stop_strings` and `streamer` (a callable fed row 0's text as it becomes final)
+        need `tokenizer` (the processor).
 
         Continuing (what ChatSession does): `keep_cache=True` leaves the KV cache allocated and filled, and
         a later call with `input_pos=P` prefills only its input_ids, at positions P.., after the P positions
@@ -170,6 +227,11 @@ class VipLlava(nn.Module):
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        temperature = check_sampling(temperature, top_k, top_p, repetition_penalty, do_sample)
+        if input_pos:  # a continued cache: the mask (if any) covers the cached positions too
+            self.check_inputs(input_ids, pixel_values)
+        else:
+            attention_mask = self.check_inputs(input_ids, pixel_values, attention_mask, generating=True)
         if (stop_strings or streamer) and tokenizer is None:
             raise ValueError("stop_strings and streamer need tokenizer= (a VipLlavaProcessor) to read the text")
         B, T = input_ids.shape
@@ -251,8 +313,14 @@ class VipLlava(nn.Module):
         return new
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, verbose: bool = True) -> "VipLlava":
-        """Load a checkpoint folder or hub id. dtype None: float32 on CPU, the checkpoint's dtype elsewhere."""
+    def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, verbose: bool = True,
+                        torch_dtype=None) -> "VipLlava":
+        """Load a checkpoint folder or hub id. dtype None: float32 on CPU, the checkpoint's dtype elsewhere.
+        `torch_dtype` is transformers' older name for `dtype`."""
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: pass one of them (dtype)")
+            dtype = torch_dtype
         device = weights.resolve_device(device)
         weights.resolve_dtype(dtype, device, torch.float16)  # an unknown dtype fails before any download
         folder = weights.resolve(path_or_repo_id)
@@ -273,6 +341,30 @@ def queue_ahead(device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------------------- sampling
+def check_sampling(temperature: float, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                   do_sample: bool | None = None) -> float:
+    """Check the sampling arguments; the temperature to sample at (0: greedy).
+
+    do_sample as in transformers: False is greedy whatever the temperature; True with temperature 0 samples
+    at temperature 1 (transformers' default); None leaves the choice to the temperature.
+    """
+    for name, value in [("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)]:
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}: below 0 the least likely "
+                         f"tokens would be the most sampled")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p}")
+    if not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1: off, above 1 discourages repeats), got {repetition_penalty}")
+    if do_sample is False:
+        return 0.0
+    return 1.0 if do_sample and temperature == 0 else float(temperature)
+
+
 def penalize_repetition(logits, seen, penalty: float):
     """transformers' rule: scores of tokens already in the sequence are divided by penalty (x if < 0)."""
     score = logits.gather(1, seen)  # (B, S)
