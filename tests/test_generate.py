@@ -210,3 +210,35 @@ def test_bad_arguments(pair):
         model.generate(ids, stop_strings=["###"])
     with pytest.raises(ValueError, match="the prompt has 5 tokens; with max_new_tokens=300 that is 305, more than the model's context of 256"):
         model.generate(ids, max_new_tokens=300)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=1.0, top_p=2.0), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_k=-1), "top_k must be an integer >= 0"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+])
+def test_bad_sampling_arguments_are_refused(pair, kw, message):
+    _, model = pair
+    ids, _, _ = inputs([(0, 5, 0, 0)])
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, max_new_tokens=2, **kw)
+
+
+def test_do_sample_false_is_greedy_whatever_the_temperature(pair):
+    _, model = pair
+    ids, _, _ = inputs([(0, 5, 0, 0)])
+    greedy = model.generate(ids, max_new_tokens=8)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, temperature=5.0, seed=0, do_sample=False), greedy)
+    sampled = model.generate(ids, max_new_tokens=8, do_sample=True, seed=0)  # temperature 1, as transformers
+    assert torch.equal(sampled, model.generate(ids, max_new_tokens=8, temperature=1.0, seed=0))
+
+
+def test_left_padded_batch_without_a_mask_gets_it_inferred(pair):
+    _, model = pair
+    ids, mask, px = inputs([(0, 4, 1, 9), (6, 3, 1, 4)])
+    assert torch.equal(model.generate(ids, px, max_new_tokens=10), model.generate(ids, px, mask, max_new_tokens=10))
+    alone = model.generate(ids[1:, 6:], px[1:], max_new_tokens=10)  # row 1 without its 6 pad tokens
+    assert torch.equal(model.generate(ids, px, max_new_tokens=10)[1], alone[0])

@@ -162,3 +162,29 @@ def test_cpu_fast_paths_equal_plain_linear_with_and_without_autograd():
         y.sum().backward()  # gradients flow through every path
         assert torch.allclose(y, expected, atol=1e-6) and lin.weight.grad is not None
         lin.weight.grad = None
+
+
+def test_bad_inputs_are_refused_before_any_computation(hub_checkpoint):
+    model = VipLlava.from_pretrained(hub_checkpoint, verbose=False)
+    ids, mask, px = inputs([(0, 5, 1, 6)])
+    with pytest.raises(ValueError, match=r"input_ids must be a non-empty integer tensor \(B, T\).*input_ids\[None\]"):
+        model(ids[0], px)
+    with pytest.raises(ValueError, match="outside the model's vocabulary 0..127"):
+        model(torch.full_like(ids, 500), px)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 5\) but input_ids \(1, \d+\)"):
+        model(ids, px, mask[:, :5])
+    with pytest.raises(ValueError, match=r"pixel_values must be a float tensor \(N, 3, 42, 42\).*got torch.float32 \(1, 3, 40, 40\)"):
+        model(ids, px[:, :, :40, :40])
+    with pytest.raises(ValueError, match=r"pixel_values\[None\]"):
+        model(ids, px[0])
+    right_padded = torch.ones_like(mask)
+    right_padded[:, -1] = 0
+    with pytest.raises(ValueError, match="pad on the left"):
+        model.generate(ids, px, right_padded, max_new_tokens=2)
+
+
+def test_transformers_habits(hub_checkpoint):
+    model = VipLlava.from_pretrained(hub_checkpoint, torch_dtype=torch.bfloat16, verbose=False)
+    assert model.dtype == torch.bfloat16 and model.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="disagree"):
+        VipLlava.from_pretrained(hub_checkpoint, dtype="float32", torch_dtype="bfloat16", verbose=False)
