@@ -54,3 +54,37 @@ def test_greedy_eager_and_compiled_decode_match_transformers_on_the_gpu(tmp_path
     assert len(set(ref[0].tolist())) > 3, "degenerate test: the model repeats one token"
     assert torch.equal(eager, ref)
     assert torch.equal(compiled[0], ref) and torch.equal(compiled[1], ref)
+
+
+def test_chat_session_eager_and_compiled_equal_fresh_generations_on_the_gpu(tmp_path):
+    # The GPU's step order (the next step queued before the stop check) and CUDA-graph replays on a cache
+    # that a session swaps in and out of the model between turns.
+    from processor import SYSTEM_PROMPT, VipLlavaProcessor, load_image
+    from vipllava import ChatSession
+
+    folder = write_tiny(tmp_path, vision=dict(image_size=42), dtype="float32", seed=1)
+    model = VipLlava.from_pretrained(folder, device="cuda", dtype=torch.float32, verbose=False)
+    processor = VipLlavaProcessor.from_pretrained(folder)
+    image = load_image("tests/images/chelsea.png")
+    questions = ["What is in the image?", "What colour is the cat?", "Is it to the left or to the right?"]
+
+    def fresh(conversation):
+        inputs = processor(processor.apply_chat_template(conversation, add_generation_prompt=True), images=[image])
+        new = model.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=16, tokenizer=processor,
+                             stop_strings=["###"])
+        return new[0].tolist(), processor.decode(new[0], skip_special_tokens=True).strip()
+
+    expected, history = [], [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
+    for i, q in enumerate(questions):  # eager, fresh prompts: the expected answers
+        history.append({"role": "user", "content": [{"type": "image"}] * (i == 0) + [{"type": "text", "text": q}]})
+        ids, answer = fresh(history)
+        expected.append(ids)
+        history.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    for compiled in (False, True):
+        if compiled:
+            model.compile_decode()
+        for _ in range(1 + compiled):  # compiled: compile, then replay
+            chat = ChatSession(model, processor, image=image)
+            for q, ids in zip(questions, expected):
+                chat.ask(q, max_new_tokens=16)
+                assert chat.last_token_ids == ids
