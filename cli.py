@@ -13,7 +13,7 @@ from pathlib import Path
 
 import weights
 from weights import log
-from vipllava import ChatSession, VipLlava
+from vipllava import ChatSession, VipLlava, check_sampling
 
 SHAPE_FLAGS = ["box", "ellipse", "triangle", "point", "arrow", "scribble", "mask", "mask-contour"]
 
@@ -36,16 +36,29 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
+def negative_coordinates(argv: list[str]) -> list[str]:
+    """`--box -5,75,100,155`: argparse takes a value starting with '-' for a flag; join it as `--box=-5,...`."""
+    out = []
+    for arg in argv:
+        if out and out[-1].lstrip("-") in SHAPE_FLAGS and len(arg) > 1 and arg[0] == "-" and (arg[1].isdigit() or arg[1] == "."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_args(argv=None):
     p = Parser(prog="vipllava.py", description="Ask ViP-LLaVA about an image, optionally marked with a box, "
-               "arrow, scribble... The answer streams to stdout; status goes to stderr.")
+               "arrow, scribble... The answer streams to stdout; status goes to stderr.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", help="image file or URL")
-    p.add_argument("--prompt", help="the question (with --chat: the first question; else read from stdin)")
+    p.add_argument("--prompt", help="the question (required without --chat; with --chat the first question, "
+                   "or leave it out and type every question on stdin)")
     p.add_argument("--model", default="llava-hf/vip-llava-7b-hf", help="hub id or local checkpoint folder")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens an answer may have")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens reaching this probability (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -74,7 +87,13 @@ def parse_args(argv=None):
     q.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
     q.add_argument("--merge", action="store_true", help="only merge the part files of a torchrun into --answers")
     p.set_defaults(marks=[])
-    args = p.parse_args(argv)
+    args = p.parse_args(negative_coordinates(sys.argv[1:] if argv is None else list(argv)))
+    if args.image == "":
+        p.error("--image is empty: give an image file or URL, or leave --image out to ask without an image")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        p.error(f"--{str(e).replace('_', '-')}")
     if args.questions or args.answers or args.merge:
         if not (args.questions and args.answers):
             p.error("--questions and --answers go together (--merge needs both too)")

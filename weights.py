@@ -192,7 +192,7 @@ def resolve_device(device=None) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available here: use 'cpu' (or 'auto')")
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here: use 'cpu' (or 'auto')")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -104,6 +104,12 @@ def test_chat_two_turns_through_stdin(checkpoint):
     (["--image", CAT, "--max-new-tokens", "0"], "must be at least 1"),
     (["--image", CAT, "--template", "alpaca"], "invalid choice: 'alpaca'"),
     (["--image", CAT, "--dtype", "float8"], "invalid choice: 'float8'"),
+    (["--image", CAT, "--device", "cuda:1"], "device 'cuda:1' was asked for"),
+    (["--image", ""], "--image is empty"),
+    (["--image", CAT, "--box", "-5,75,100,155"], "outside the 451x300 image"),  # a value, not a flag
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "1", "--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-3"], "--top-k must be an integer >= 0"),
 ])
 def test_bad_input_is_one_line_and_status_2(checkpoint, args, message):
     r = run("--model", checkpoint, "--prompt", "What is it?", *args)
@@ -124,3 +130,10 @@ def test_crop_mode_warns_about_a_marker_it_cuts_away(checkpoint):
     r = run("--model", checkpoint, "--image", CAT, "--prompt", "?", "--box", "5,100,60,200", "--image-mode", "crop",
             "--max-new-tokens", 1)
     assert r.returncode == 0 and "outside the square that --image-mode crop keeps" in r.stderr
+
+
+def test_help_shows_the_defaults():
+    r = run("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert "(default: 256)" in text and "(default: pad)" in text and "(default: vipllava)" in text
