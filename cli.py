@@ -31,6 +31,15 @@ def fail(message: str):
     sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none (None, False) or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         fail(message)
@@ -50,7 +59,7 @@ def negative_coordinates(argv: list[str]) -> list[str]:
 def parse_args(argv=None):
     p = Parser(prog="vipllava.py", description="Ask ViP-LLaVA about an image, optionally marked with a box, "
                "arrow, scribble... The answer streams to stdout; status goes to stderr.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     p.add_argument("--image", help="image file or URL")
     p.add_argument("--prompt", help="the question (required without --chat; with --chat the first question, "
                    "or leave it out and type every question on stdin)")
@@ -64,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: float32 on CPU, the checkpoint's float16 on GPUs")
     p.add_argument("--image-mode", default="pad", choices=["pad", "crop"],
-                   help="pad (default): pad to a square, as the model was trained; crop: transformers' centre crop")
+                   help="pad: pad to a square, as the model was trained; crop: transformers' centre crop")
     p.add_argument("--template", default="vipllava", choices=["vipllava", "llava_v1"],
                    help="vipllava: the hub chat template (###Human/###Assistant); llava_v1: the original training format")
     p.add_argument("--system", default=None, help="system line (default: the one the model was trained with)")
@@ -84,7 +93,7 @@ def parse_args(argv=None):
     q = p.add_argument_group("question files (questions.py; under torchrun each rank takes its share)")
     q.add_argument("--questions", metavar="IN.jsonl", help='answer every line {"question_id", "image", "text", ...}')
     q.add_argument("--answers", metavar="OUT.jsonl", help="append the answers here; a rerun skips those already in it")
-    q.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
+    q.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     q.add_argument("--merge", action="store_true", help="only merge the part files of a torchrun into --answers")
     p.set_defaults(marks=[])
     args = p.parse_args(negative_coordinates(sys.argv[1:] if argv is None else list(argv)))
