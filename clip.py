@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import Embedding, Linear, cpu_computes  # Linear: faster CPU paths (see there)
+from llama import Embedding
+from quantize import Linear, cpu_computes  # Linear: nn.Linear with measured CPU paths
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # what CLIP was trained with

@@ -8,17 +8,18 @@ Quirks worth knowing:
   left-padded row starts at position 0 on its first real token;
 - without padding the causal path passes no mask tensor, so on CUDA SDPA can pick flash attention;
 - `decode_step` is the same step with every shape fixed (the cache slot a tensor, attention over the
-  whole cache under a mask), for torch.compile and CUDA graphs; `Linear` adds measured CPU fast paths.
+  whole cache under a mask), for torch.compile and CUDA graphs. How each product is made fast (and
+  the int8/int4 layers that may replace the Linears) lives in quantize.py.
 """
 from __future__ import annotations
 
-import functools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from quantize import Linear  # nn.Linear with measured CPU paths (see quantize.py)
 
 
 @dataclass
@@ -57,71 +58,6 @@ class LlamaConfig:
         if d.get("tie_word_embeddings"):
             raise NotImplementedError("tied input/output embeddings are not supported: Vicuna has a separate lm_head")
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
-@functools.cache
-def cpu_computes(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` matrices at full speed. oneDNN's bf16 kernels need AVX-512 (fp16:
-    AVX-512-FP16 or AMX); without them a bf16 product of many rows runs several times slower than in float32."""
-    if dtype == torch.float32:
-        return True
-    supported = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
-    return torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, supported[dtype])()
-
-
-@functools.cache
-def cpu_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(torch.get_num_threads())
-
-
-class Linear(nn.Linear):
-    """nn.Linear with CPU paths, measured on 2-core machines (AVX-512 Xeon and AVX2 EPYC, PyTorch's MKL):
-
-    - float32, one row (decode at batch 1): MKL multiplies a single row on one core, reading ~22 GB/s of
-      weights; the weight's rows split between the CPU's threads read 25-33 GB/s, near the machine's bound;
-    - float32, 2-16 rows, and wide layers: (W @ x^T)^T, where MKL is faster: 2-4x for 2-16 rows, a few
-      percent for the 616 rows of a prefill through the text layers;
-    - bf16/fp16 with many rows (prefill, the vision tower) on a CPU without fast kernels for them (see
-      cpu_computes) run in float32: 616 rows x (4096 -> 11008) take 5.4 s in bf16 on AVX2, 0.4 s in fp32.
-      Decode's few rows stay in bf16: half the bytes to read, and converting the weight would cost more.
-    """
-    few_rows = 16
-
-    def forward(self, x):  # (..., C_in) -> (..., C_out)
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // x.shape[-1]
-        if x.dtype == torch.float32:
-            if rows == 1 and torch.get_num_threads() > 1:
-                return self.split_between_threads(x)
-            if 1 < rows <= self.few_rows or min(self.weight.shape) >= 4096:
-                return self.transposed(x, rows)
-        elif rows > self.few_rows and not cpu_computes(x.dtype):
-            return self.in_float32(x)
-        return F.linear(x, self.weight, self.bias)
-
-    def split_between_threads(self, x):
-        grad = torch.is_grad_enabled()  # grad mode (and inference mode) are per thread: carry the caller's over
-
-        def part(w):
-            with torch.set_grad_enabled(grad):
-                return F.linear(x, w)
-
-        parts = self.weight.split(-(-self.out_features // torch.get_num_threads()))  # ops release the GIL
-        y = torch.cat(list(cpu_threads().map(part, parts)), dim=-1)
-        return y if self.bias is None else y + self.bias
-
-    def transposed(self, x, rows: int):
-        xt = x.reshape(rows, -1).t()  # (C_in, rows)
-        y = self.weight @ xt if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)  # (C_out, rows)
-        return y.t().contiguous().view(*x.shape[:-1], -1)
-
-    def in_float32(self, x):
-        # The weight is converted 4M elements at a time: a fresh 180 MB float32 copy costs 6x the
-        # conversion in page faults, while pieces this small reuse the same memory from call to call.
-        x32 = x.float()
-        y = torch.cat([F.linear(x32, w.float()) for w in self.weight.split(2**22 // self.in_features)], dim=-1)
-        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
 
 
 class Embedding(nn.Embedding):
@@ -257,7 +193,7 @@ class Llama(nn.Module):
     def setup_cache(self, batch: int, max_len: int):
         """Preallocate keys/values for max_len positions; `remove_cache` frees them. An existing cache of that
         shape is kept; a shorter one of the same batch grows with its contents copied (a chat goes on in it)."""
-        c, w = self.config, self.lm_head.weight
+        c, w = self.config, self.model.embed_tokens.weight  # (lm_head may be quantized)
         if max_len > c.max_position_embeddings:
             raise ValueError(f"{max_len} positions exceed the model's context of {c.max_position_embeddings} tokens")
         cache = self.model.layers[0].self_attn.kv_cache
@@ -285,7 +221,7 @@ class Llama(nn.Module):
     def position_ids(self, attention_mask, T: int, input_pos: int):
         """(B, T) positions: a left-padded row counts from its first real token."""
         if attention_mask is None:
-            return torch.arange(input_pos, input_pos + T, device=self.lm_head.weight.device)[None]
+            return torch.arange(input_pos, input_pos + T, device=self.model.embed_tokens.weight.device)[None]
         pos = attention_mask.long().cumsum(-1) - 1  # (B, S)
         return pos[:, input_pos:input_pos + T].clamp(min=0)
 

@@ -295,7 +295,7 @@ def answer(args, model, processor, generation: dict | None = None):
     batches, errors = plan(entries, done, processor, args, model.config.text_config.max_position_embeddings)
     model_id = Path(args.model).name if Path(args.model).is_dir() else args.model
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "template",
-                                              "image_mode")} | {"dtype": str(model.language_model.lm_head.weight.dtype).removeprefix("torch.")}
+                                              "image_mode")} | {"dtype": str(model.dtype).removeprefix("torch.")}
     generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                   "top_p": args.top_p, "seed": args.seed, "tokenizer": processor,
                   "stop_strings": ["###"] if args.template == "vipllava" else None} | (generation or {})

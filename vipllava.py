@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
-from llama import Linear, Llama, LlamaConfig
+from llama import Llama, LlamaConfig
 from processor import IMAGE_TOKEN, SYSTEM_PROMPT
+from quantize import Linear
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
 CACHE_STEP = 256  # a kept KV cache grows by this many positions, so that a compiled decode step is reused
@@ -243,7 +244,7 @@ class VipLlava(nn.Module):
         if input_pos and lm.cache_length(B) < input_pos:
             raise ValueError(f"input_pos={input_pos} continues a KV cache of at least {input_pos} positions at batch {B}, "
                              f"but the model holds {lm.cache_length(B)}: call generate with keep_cache=True first")
-        device = lm.lm_head.weight.device
+        device = lm.model.embed_tokens.weight.device
         input_ids = input_ids.to(device)
         eos = torch.tensor(eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id,
                            device=device).flatten()
@@ -556,7 +557,7 @@ class ChatSession:
             start = min(start, prompt.index(image_id))
             if self.image_features is None:
                 with torch.inference_mode():
-                    device = self.model.language_model.lm_head.weight.device
+                    device = self.model.device
                     self.image_features = self.model.get_image_features(self.pixel_values.to(device))
             features = self.image_features
         self.ids = self.ids[:start]  # generate overwrites the cache from `start` on

@@ -147,12 +147,12 @@ def test_prompt_longer_than_the_context_is_an_error(hub_checkpoint):
 
 
 def test_cpu_fast_paths_equal_plain_linear_with_and_without_autograd():
-    # llama.Linear's CPU paths (one row split between threads, 2-16 rows transposed, many rows) must give
+    # quantize.Linear's CPU paths (one row split between threads, 2-16 rows transposed, many rows) must give
     # F.linear's numbers, under inference_mode and with autograd on (weights that require grad).
-    import llama
+    import quantize
 
     torch.manual_seed(0)
-    lin = llama.Linear(64, 96)
+    lin = quantize.Linear(64, 96)
     for rows in (1, 3, 40):
         x = torch.randn(1, rows, 64)
         expected = torch.nn.functional.linear(x, lin.weight, lin.bias)
