@@ -195,7 +195,8 @@ def main(argv=None):
             if "could not fetch" in str(e):
                 fail(f"cannot download {args.model!r} (offline, or the hub is unreachable) "
                          f"and no copy is cached: pass --model /path/to/folder holding its config.json, "
-                         f"*.safetensors and tokenizer files")
+                         f"*.safetensors and tokenizer files (`hf download {args.model}` on a machine with network), "
+                         f"or try the command line on a random one: `python tiny_checkpoint.py tiny`, then --model tiny")
             raise
         if args.verbose:
             log(f"[model loaded in {time.perf_counter() - t0:.1f} s on {weights.resolve_device(args.device)}]")

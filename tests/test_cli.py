@@ -124,6 +124,7 @@ def test_offline_without_a_cached_model_says_how_to_use_a_local_folder(tmp_path)
     r = run("--image", CAT, "--prompt", "What is it?", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--model /path/to/folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "`hf download llava-hf/vip-llava-7b-hf`" in r.stderr and "`python tiny_checkpoint.py tiny`" in r.stderr
 
 
 def test_crop_mode_warns_about_a_marker_it_cuts_away(checkpoint):
