@@ -177,8 +177,16 @@ def message_parts(message, i: int) -> tuple[str, int, str]:
     return role, n_images, "".join(c["text"] for c in content if c["type"] == "text")
 
 
+def refuse_image_token(text: str, where: str, how: str):
+    """A typed `<image>` where images are placed automatically would be one image slot too many: say so."""
+    if IMAGE_TOKEN in text:
+        raise ValueError(f"{where} contains {IMAGE_TOKEN}, which is reserved: {how}; write the text without it")
+
+
 def render_chat(conversation: list, add_generation_prompt: bool = False, template: str = "vipllava") -> str:
     """The prompt string. In both formats a message's images come before its text, one "<image>\\n" each.
+    Text may place an image itself by containing <image> (LLaVA's question files do), but not in a
+    conversation that also has image items: that is refused, as it would be one image slot too many.
 
     "vipllava": the hub template. `###Human: ` before user turns, `###Assistant: ` before assistant turns,
     nothing before a system message, no separator after a turn.
@@ -189,6 +197,9 @@ def render_chat(conversation: list, add_generation_prompt: bool = False, templat
         raise ValueError("the conversation is empty: pass a list of messages like "
                          "[{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': '...'}]}]")
     parts = [message_parts(m, i) for i, m in enumerate(conversation)]
+    if any(n for _, n, _ in parts):  # images as items: a typed <image> (LLaVA's own way) would be one too many
+        for i, (_, _, text) in enumerate(parts):
+            refuse_image_token(text, f"the text of message {i}", "the {'type': 'image'} items place the images")
     if template == "vipllava":
         prefix = {"user": "###Human: ", "assistant": "###Assistant: ", "system": ""}
         prompt = "".join(prefix[role] + "<image>\n" * n + text for role, n, text in parts)

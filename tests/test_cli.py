@@ -110,6 +110,14 @@ def test_chat_two_turns_through_stdin(checkpoint):
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--temperature", "1", "--top-p", "2"], "--top-p must be in (0, 1]"),
     (["--top-k", "-3"], "--top-k must be an integer >= 0"),
+    (["--image", CAT, "--prompt", "<image>\nWhat is it?"], "--prompt contains <image>, which is reserved: the --image is placed"),
+    (["--prompt", "<image> What?"], "--prompt contains <image>, which is reserved"),  # without --image too
+    (["--image", CAT, "--system", "Look: <image>"], "--system contains <image>, which is reserved"),
+    (["--image", CAT, "--save-annotated", "no-such-folder/m.png"], "--save-annotated: folder no-such-folder does not exist"),
+    (["--image", "nope.png", "--save-annotated", "no-such-folder/m.png"], "--save-annotated: folder"),  # before the image
+    (["--image", CAT, "--save-annotated", "tests"], "--save-annotated: tests is a folder"),
+    (["--image", CAT, "--save-annotated", "marked.xyz"], "cannot tell an image format from 'marked.xyz'"),
+    (["--save-annotated", "marked.png"], "--save-annotated needs --image"),
 ])
 def test_bad_input_is_one_line_and_status_2(checkpoint, args, message):
     r = run("--model", checkpoint, "--prompt", "What is it?", *args)
@@ -117,6 +125,17 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stdout == ""
+
+
+def test_save_annotated_where_nothing_may_be_written_is_refused_before_loading(monkeypatch, capsys, tmp_path):
+    import cli  # in this process: a root user may write anywhere, so the permission check is stubbed
+
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--image", str(CAT), "--prompt", "?", "--save-annotated", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--save-annotated: {tmp_path / 'm.png'} cannot be written here (no permission)" in err
 
 
 def test_offline_without_a_cached_model_says_how_to_use_a_local_folder(tmp_path):

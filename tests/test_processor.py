@@ -443,6 +443,18 @@ def test_conversation_errors(ours):
         ours.apply_chat_template(DOCUMENTED, template="chatml")
 
 
+def test_typed_image_token_is_refused_next_to_image_items(ours):
+    # With image items, a typed <image> would be an image slot too many ("2 <image> tokens but 1 image").
+    mixed = [user({"type": "image"}, text("What is <image>?"))]
+    with pytest.raises(ValueError, match=r"the text of message 0 contains <image>, which is reserved: the "
+                                         r"\{'type': 'image'\} items place the images; write the text without it"):
+        ours.apply_chat_template(mixed)
+    with pytest.raises(ValueError, match="the text of message 1 contains <image>"):  # in another message too
+        ours.apply_chat_template([user({"type": "image"}, text("hi")), user(text("<image> and this?"))])
+    # Without image items, text may place the image itself, as LLaVA's question files do.
+    assert ours.apply_chat_template([user(text("<image>\nWhat?"))]) == "###Human: <image>\nWhat?"
+
+
 def test_checkpoint_file_errors(tmp_path):
     write_checkpoint(tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"model": "broken"')
