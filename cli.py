@@ -149,7 +149,7 @@ def check_writable(path: str, p: Parser):
 
 def annotate(args):
     """Load the image and draw the visual prompts on it, as the training data was drawn."""
-    from processor import draw_visual_prompt, load_image, outside_crop, parse_color, parse_coords
+    from processor import MAX_SIDE, draw_visual_prompt, load_image, outside_crop, parse_color, parse_coords, reduction
 
     image = load_image(args.image)
     for flag, text, color in args.marks:
@@ -166,6 +166,11 @@ def annotate(args):
             raise ValueError(f"--save-annotated: could not write {args.save_annotated} ({e.strerror or e}): "
                              f"choose another path") from e
         log(f"annotated image written to {args.save_annotated}")
+    factor = reduction(*image.size)
+    if factor > 1:  # the processor reduces it; the marks are already drawn in the user's pixels
+        W, H = image.size
+        log(f"note: the image is {W}x{H}, over {MAX_SIDE} px on a side: the model gets it reduced {factor}x, "
+            f"to {-(-W // factor)}x{-(-H // factor)}, after the marks are drawn at full size")
     return image
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import re
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,13 @@ VIPLLAVA_CHAT_TEMPLATE = (
 
 
 # ---------------------------------------------------------------------------- images
+# load_image refuses an image file or URL over this many pixels before decoding it (a small file can
+# decode to gigabytes). 150 MP lets a 108 MP phone photo (12000x9000) through and sits below Pillow's own
+# refusal at 2 x Image.MAX_IMAGE_PIXELS = 179 MP; server.py's stricter 50 MP default guards the network.
+MAX_IMAGE_PIXELS = 150_000_000
+# preprocess first reduces an image whose long side is over this by an integer factor (a fast box filter):
+# the model sees 336 px anyway, and a full-size pad to a square would take gigabytes.
+MAX_SIDE = 4096
 @dataclass(frozen=True)
 class ImageConfig:
     shortest_edge: int = 336
@@ -79,12 +87,58 @@ def fetch(url: str, timeout: float = 30) -> bytes:
                       f"network, or download the image and pass its path") from e
 
 
-def load_image(image) -> Image.Image:
-    """A PIL image, upright as a viewer shows it (EXIF orientation applied), in whatever mode it has.
+def from_tensor(image: torch.Tensor) -> np.ndarray:
+    """A (C, H, W) torch image, uint8 0..255 or float 0..1 (torchvision's ToTensor), -> uint8 (H, W, C)."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"a torch image must have shape (C, H, W) with C = 1, 3 or 4, got {tuple(image.shape)}: "
+                         f"for (H, W, C) pass image.permute(2, 0, 1); for a batch pass one image at a time")
+    x = image.detach().cpu()
+    if x.is_floating_point():
+        lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
+        if not (0 <= lo and hi <= 1):  # NaN fails too
+            raise ValueError(f"a float torch image must hold values in [0, 1] (as ToTensor gives), got {lo:g}..{hi:g}: "
+                             f"for 0..255 values pass image.round().to(torch.uint8)")
+        x = (x.float() * 255).round().to(torch.uint8)  # exact for ToTensor's x / 255
+    elif x.dtype != torch.uint8:
+        raise TypeError(f"a torch image must be uint8 (0..255) or float (0..1), got {x.dtype}")
+    return x.permute(1, 2, 0).numpy()  # (H, W, C)
 
-    Accepts a path (str or Path), an http(s) URL, a PIL image, or a uint8 numpy array (H, W), (H, W, 1),
-    (H, W, 3) RGB or (H, W, 4) RGBA.
+
+def too_large(name: str, pixels: str) -> ValueError:
+    return ValueError(f"{name} is {pixels} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
+                      f"(processor.MAX_IMAGE_PIXELS): downscale it first, e.g. to {MAX_SIDE} px on the long side")
+
+
+def open_image(source, name: str) -> Image.Image:
+    """Decode a file or URL's bytes, refusing an image over MAX_IMAGE_PIXELS before its pixels are decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            image = Image.open(source)  # reads the header only
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            image.close()
+            raise too_large(name, f"{image.width}x{image.height} = {image.width * image.height:,}")
+        image.load()  # decode now, so that a truncated file fails here and not halfway through a batch
+    except Image.DecompressionBombError as e:  # over Pillow's own limit: it refuses before we see the size
+        count = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_large(name, f"{int(count[1]):,}" if count else "too many") from None
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{name} is not an image file Pillow can read (empty, or not PNG/JPEG/...)") from e
+    except OSError as e:
+        raise ValueError(f"{name} is truncated or damaged ({e}): download or save it again") from e
+    return image
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image, upright as a viewer shows it (EXIF orientation applied), in whatever mode it has, at full size
+    (coordinates of visual prompts are in its pixels; `preprocess` reduces a large one after they are drawn).
+
+    Accepts a path (str or Path), an http(s) URL, a PIL image, a uint8 numpy array (H, W), (H, W, 1),
+    (H, W, 3) RGB or (H, W, 4) RGBA, or a torch tensor (C, H, W) with C = 1, 3 or 4, uint8 0..255 or float
+    0..1. A file or URL over MAX_IMAGE_PIXELS is refused (ValueError) before it is decoded.
     """
+    if isinstance(image, torch.Tensor):
+        image = from_tensor(image)
     if isinstance(image, np.ndarray):
         channels = image.shape[2] if image.ndim == 3 else 1
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
@@ -100,16 +154,10 @@ def load_image(image) -> Image.Image:
             source = Path(name).expanduser()
             if not source.is_file():
                 raise FileNotFoundError(f"no image file {name}: check the path")
-        try:
-            image = Image.open(source)
-            image.load()  # decode now, so that a truncated file fails here and not halfway through a batch
-        except UnidentifiedImageError as e:
-            raise ValueError(f"{name} is not an image file Pillow can read (empty, or not PNG/JPEG/...)") from e
-        except OSError as e:
-            raise ValueError(f"{name} is truncated or damaged ({e}): download or save it again") from e
+        image = open_image(source, name)
     elif not isinstance(image, Image.Image):
-        raise TypeError(f"cannot use a {type(image).__name__} as an image: pass a path, a URL, a PIL image or "
-                        f"a numpy array")
+        raise TypeError(f"cannot use a {type(image).__name__} as an image: pass a path, a URL, a PIL image, "
+                        f"a numpy array or a torch tensor")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"the image has zero size ({image.width}x{image.height})")
     # A phone photo is often stored sideways with an EXIF "rotate" tag; apply it so that the model and
@@ -136,11 +184,24 @@ def expand_to_square(image: Image.Image, fill: tuple) -> Image.Image:
     return square
 
 
+def reduction(width: int, height: int) -> int:
+    """The integer factor `downscale` divides the sides by: the smallest that brings the long side to MAX_SIDE."""
+    return max(1, math.ceil(max(width, height) / MAX_SIDE))
+
+
+def downscale(image: Image.Image) -> Image.Image:
+    """`image` with its sides divided by `reduction` (rounded up; each new pixel the mean of a block), or
+    `image` itself if it fits. Draw visual prompts before: their coordinates are in the full-size pixels."""
+    factor = reduction(*image.size)
+    return image.reduce(factor) if factor > 1 else image
+
+
 def preprocess(image, mode: str = "pad", config: ImageConfig = ImageConfig()) -> torch.Tensor:
-    """One image -> (3, H, W) float32: RGB, [pad to a square,] resize, centre crop, rescale, normalize."""
+    """One image -> (3, H, W) float32: RGB, [pad to a square,] resize, centre crop, rescale, normalize.
+    An image over MAX_SIDE px is first `downscale`d (so it differs slightly from transformers' numbers)."""
     if mode not in ("pad", "crop"):
         raise ValueError(f"image_mode must be 'pad' (ViP-LLaVA training) or 'crop' (transformers), got {mode!r}")
-    image = to_rgb(load_image(image))
+    image = downscale(to_rgb(load_image(image)))
     if mode == "pad":
         image = expand_to_square(image, tuple(int(m * 255) for m in config.image_mean))  # (122, 116, 104)
     # Shortest edge to `shortest_edge`, the long one floored, exactly as transformers computes it.

@@ -157,3 +157,26 @@ def test_help_shows_the_defaults():
     assert r.returncode == 0
     text = " ".join(r.stdout.split())  # argparse wraps lines
     assert "(default: 256)" in text and "(default: pad)" in text and "(default: vipllava)" in text
+
+
+def test_image_over_the_pixel_limit_is_one_line_and_status_2(checkpoint, tmp_path):
+    from test_processor import png_claiming
+
+    (tmp_path / "huge.png").write_bytes(png_claiming(13000, 12000))  # only the header: nothing big is written
+    r = run("--model", checkpoint, "--image", tmp_path / "huge.png", "--prompt", "?")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "huge.png is 13000x12000 = 156,000,000 pixels, more than the limit of 150,000,000" in r.stderr
+
+
+def test_a_108_megapixel_photo_gets_one_note_and_its_marks_in_full_size_pixels(checkpoint, tmp_path):
+    Image.new("RGB", (12000, 9000), (40, 40, 200)).save(tmp_path / "phone.png", compress_level=1)
+    r = run("--model", checkpoint, "--image", tmp_path / "phone.png", "--prompt", "?", "--box", "6000,3000,9000,6000",
+            "--max-new-tokens", 1, "--save-annotated", tmp_path / "marked.png")
+    assert r.returncode == 0, r.stderr
+    assert "DecompressionBomb" not in r.stderr and "Warning" not in r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the image is 12000x9000, over 4096 px on a side: the model gets it reduced 3x, "
+                     "to 4000x3000, after the marks are drawn at full size"]
+    marked = load_image(tmp_path / "marked.png")  # saved at full size, the box where the user put it
+    assert marked.size == (12000, 9000) and marked.getpixel((6010, 4500)) == (255, 0, 0)
+    assert marked.getpixel((5990, 4500)) == (40, 40, 200) and marked.getpixel((7500, 4500)) == (40, 40, 200)
