@@ -217,6 +217,29 @@ def preprocess(image, mode: str = "pad", config: ImageConfig = ImageConfig()) ->
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
+class ImageProcessor:
+    """`processor.image_processor`, as in transformers: images -> {"pixel_values": (N, 3, H, W)}, with the
+    attribute names of CLIPImageProcessor. Its `image_mode` is the processor's: "pad" (ViP-LLaVA training)
+    unless set; "crop" gives CLIPImageProcessor's numbers."""
+
+    def __init__(self, config: ImageConfig = ImageConfig(), image_mode: str = "pad"):
+        self.config, self.image_mode = config, image_mode
+        self.size, self.resample = {"shortest_edge": config.shortest_edge}, config.resample
+        self.crop_size = {"height": config.crop_size[0], "width": config.crop_size[1]}
+        self.rescale_factor, self.image_mean, self.image_std = config.rescale_factor, list(config.image_mean), list(config.image_std)
+
+    def __call__(self, images, image_mode: str | None = None, return_tensors: str = "pt") -> dict:
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("no images: pass one image or a list of them")
+        mode = image_mode or self.image_mode
+        return {"pixel_values": torch.stack([preprocess(x, mode, self.config) for x in images])}  # (N, 3, H, W)
+
+    preprocess = __call__  # transformers' other name for it
+
+
 # ---------------------------------------------------------------------------- chat templates
 def message_parts(message, i: int) -> tuple[str, int, str]:
     """(role, number of images, text) of one message in the transformers format."""
@@ -291,7 +314,8 @@ class VipLlavaProcessor:
         if image_mode not in ("pad", "crop"):
             raise ValueError(f"image_mode must be 'pad' (ViP-LLaVA training) or 'crop' (transformers), "
                              f"got {image_mode!r}")
-        self.tokenizer, self.image_config, self.image_mode = tokenizer, image_config, image_mode
+        self.tokenizer, self.image_config = tokenizer, image_config
+        self.image_processor = ImageProcessor(image_config, image_mode)
         self.image_seq_length, self.context_length, self.chat_template = image_seq_length, context_length, chat_template
         self.image_token_id, self.pad_token_id = tokenizer.token_to_id(IMAGE_TOKEN), tokenizer.token_to_id(pad_token)
         if self.image_token_id is None or self.pad_token_id is None:
@@ -377,9 +401,16 @@ class VipLlavaProcessor:
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         flat = [image for imgs in per_text for image in imgs]
         if flat:  # no key at all for text-only input, as in transformers
-            mode = image_mode or self.image_mode
-            out["pixel_values"] = torch.stack([preprocess(x, mode, self.image_config) for x in flat])  # (N, 3, H, W)
+            out["pixel_values"] = self.image_processor(flat, image_mode)["pixel_values"]  # (N, 3, H, W)
         return out
+
+    @property
+    def image_mode(self) -> str:  # one setting, kept by the image processor
+        return self.image_processor.image_mode
+
+    @image_mode.setter
+    def image_mode(self, mode: str):
+        self.image_processor.image_mode = mode
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one prompt, as __call__ makes them: each <image> expanded, then tokenized (with <s>)."""

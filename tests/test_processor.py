@@ -554,3 +554,21 @@ def test_torch_tensor_errors():
         load_image(torch.full((3, 4, 4), float("nan")))
     with pytest.raises(TypeError, match="uint8 \\(0..255\\) or float \\(0..1\\), got torch.int64"):
         load_image(torch.zeros(3, 4, 4, dtype=torch.long))
+
+
+def test_image_processor_is_the_processors_and_matches_clip_image_processor(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    write_checkpoint(tmp_path, image_size=336)
+    processor, reference = VipLlavaProcessor.from_pretrained(tmp_path), CLIPImageProcessor.from_pretrained(tmp_path)
+    images = [photo("coffee.png"), photo("horse.png")]
+    ours = processor.image_processor(images)["pixel_values"]  # (2, 3, 336, 336), padded as in training
+    assert torch.equal(ours, processor("<image><image>", images)["pixel_values"])
+    crop = processor.image_processor(images, image_mode="crop")["pixel_values"]
+    assert (crop - reference(images=images, return_tensors="pt")["pixel_values"]).abs().max() <= PIXEL_TOL
+    for name in ("size", "crop_size", "image_mean", "image_std", "resample", "rescale_factor"):
+        assert getattr(processor.image_processor, name) == pytest.approx(getattr(reference, name)), name
+    processor.image_mode = "crop"  # one setting: the processor's is the image processor's
+    assert torch.equal(processor.image_processor.preprocess(images)["pixel_values"], crop)
+    with pytest.raises(ValueError, match="no images"):
+        processor.image_processor([])
