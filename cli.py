@@ -123,7 +123,7 @@ def parse_args(argv=None):
         p.error("--prompt is required (or use --chat to type questions)")
     for flag in ("prompt", "system"):
         try:
-            refuse_image_token(getattr(args, flag) or "", f"--{flag}", "the --image is placed in the prompt automatically")
+            refuse_image_token(getattr(args, flag) or "", f"--{flag}", "the image is placed in the prompt automatically")
         except ValueError as e:
             p.error(str(e))
     if args.save_annotated:
@@ -149,7 +149,8 @@ def check_writable(path: str, p: Parser):
 
 def annotate(args):
     """Load the image and draw the visual prompts on it, as the training data was drawn."""
-    from processor import MAX_SIDE, draw_visual_prompt, load_image, outside_crop, parse_color, parse_coords, reduction
+    from processor import (MAX_SIDE, draw_visual_prompt, load_image, outside_crop, parse_color, parse_coords,
+                           reduction)
 
     image = load_image(args.image)
     for flag, text, color in args.marks:

@@ -5,7 +5,8 @@ Quirks worth knowing:
 - Images: EXIF orientation first, then RGB as transformers does it (transparency composited onto white),
   then the CLIP ViT-L/14-336 steps. `image_mode="pad"` (default) first pastes the image centred on a square
   of the mean colour, as ViP-LLaVA was trained; `"crop"` is transformers' centre crop, which cuts off
-  whatever lies near the long edges of a non-square photo (markers included).
+  whatever lies near the long edges of a non-square photo (markers included). A file over MAX_IMAGE_PIXELS
+  is refused before decoding; a side over MAX_SIDE is reduced after the visual prompts are drawn.
 - Text: the checkpoint's tokenizer.json as it is. Its legacy Llama normalizer gives every text segment a
   leading "▁", so text right after `<image>` starts with token "▁" (29871 in the real vocabulary).
   Each `<image>` is expanded to `image_seq_length` (576) copies before tokenizing, as transformers does.
@@ -54,8 +55,10 @@ VIPLLAVA_CHAT_TEMPLATE = (
 # refusal at 2 x Image.MAX_IMAGE_PIXELS = 179 MP; server.py's stricter 50 MP default guards the network.
 MAX_IMAGE_PIXELS = 150_000_000
 # preprocess first reduces an image whose long side is over this by an integer factor (a fast box filter):
-# the model sees 336 px anyway, and a full-size pad to a square would take gigabytes.
+# the model sees 336 px anyway, and padding 12000x9000 to a square alone would take 432 MB.
 MAX_SIDE = 4096
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     shortest_edge: int = 336
@@ -226,7 +229,8 @@ class ImageProcessor:
         self.config, self.image_mode = config, image_mode
         self.size, self.resample = {"shortest_edge": config.shortest_edge}, config.resample
         self.crop_size = {"height": config.crop_size[0], "width": config.crop_size[1]}
-        self.rescale_factor, self.image_mean, self.image_std = config.rescale_factor, list(config.image_mean), list(config.image_std)
+        self.rescale_factor = config.rescale_factor
+        self.image_mean, self.image_std = list(config.image_mean), list(config.image_std)
 
     def __call__(self, images, image_mode: str | None = None, return_tensors: str = "pt") -> dict:
         if return_tensors != "pt":

@@ -110,7 +110,7 @@ def test_chat_two_turns_through_stdin(checkpoint):
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--temperature", "1", "--top-p", "2"], "--top-p must be in (0, 1]"),
     (["--top-k", "-3"], "--top-k must be an integer >= 0"),
-    (["--image", CAT, "--prompt", "<image>\nWhat is it?"], "--prompt contains <image>, which is reserved: the --image is placed"),
+    (["--image", CAT, "--prompt", "<image>\nWhat is it?"], "--prompt contains <image>, which is reserved: the image is placed"),
     (["--prompt", "<image> What?"], "--prompt contains <image>, which is reserved"),  # without --image too
     (["--image", CAT, "--system", "Look: <image>"], "--system contains <image>, which is reserved"),
     (["--image", CAT, "--save-annotated", "no-such-folder/m.png"], "--save-annotated: folder no-such-folder does not exist"),
