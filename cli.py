@@ -7,11 +7,13 @@ streams the answer to stdout (status and errors to stderr; a user error exits 2 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import weights
+from processor import refuse_image_token
 from weights import log
 from vipllava import ChatSession, VipLlava, check_sampling
 
@@ -115,16 +117,40 @@ def parse_args(argv=None):
         return args
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.marks and not args.image:
-        p.error("visual prompts need --image")
+    if (args.marks or args.save_annotated) and not args.image:
+        p.error(f"{'visual prompts need' if args.marks else '--save-annotated needs'} --image")
     if args.prompt is None and not args.chat:
         p.error("--prompt is required (or use --chat to type questions)")
+    for flag in ("prompt", "system"):
+        try:
+            refuse_image_token(getattr(args, flag) or "", f"--{flag}", "the image is placed in the prompt automatically")
+        except ValueError as e:
+            p.error(str(e))
+    if args.save_annotated:
+        check_writable(args.save_annotated, p)
     return args
+
+
+def check_writable(path: str, p: Parser):
+    """--save-annotated is written after the drawing, before the model loads: check the path up front."""
+    from PIL import Image
+
+    target = Path(path).expanduser()
+    folder = target.parent
+    if not folder.is_dir():
+        p.error(f"--save-annotated: folder {folder} does not exist: create it first or choose another path")
+    if target.is_dir():
+        p.error(f"--save-annotated: {target} is a folder: give a file name such as {target / 'marked.png'}")
+    if target.suffix.lower() not in Image.registered_extensions():
+        p.error(f"--save-annotated: Pillow cannot tell an image format from {target.name!r}: end it in .png or .jpg")
+    if not os.access(folder, os.W_OK) or target.exists() and not os.access(target, os.W_OK):
+        p.error(f"--save-annotated: {target} cannot be written here (no permission): choose another path")
 
 
 def annotate(args):
     """Load the image and draw the visual prompts on it, as the training data was drawn."""
-    from processor import draw_visual_prompt, load_image, outside_crop, parse_color, parse_coords
+    from processor import (MAX_SIDE, draw_visual_prompt, load_image, outside_crop, parse_color, parse_coords,
+                           reduction)
 
     image = load_image(args.image)
     for flag, text, color in args.marks:
@@ -135,8 +161,17 @@ def annotate(args):
             log(f"warning: the --{flag} marker lies partly outside the square that --image-mode crop keeps; "
                 f"the model will not see it whole (the default --image-mode pad keeps everything)")
     if args.save_annotated:
-        image.save(args.save_annotated)
+        try:
+            image.save(args.save_annotated)
+        except OSError as e:  # checked up front, but a full disk or a changed folder still fails here
+            raise ValueError(f"--save-annotated: could not write {args.save_annotated} ({e.strerror or e}): "
+                             f"choose another path") from e
         log(f"annotated image written to {args.save_annotated}")
+    factor = reduction(*image.size)
+    if factor > 1:  # the processor reduces it; the marks are already drawn in the user's pixels
+        W, H = image.size
+        log(f"note: the image is {W}x{H}, over {MAX_SIDE} px on a side: the model gets it reduced {factor}x, "
+            f"to {-(-W // factor)}x{-(-H // factor)}, after the marks are drawn at full size")
     return image
 
 
@@ -195,7 +230,8 @@ def main(argv=None):
             if "could not fetch" in str(e):
                 fail(f"cannot download {args.model!r} (offline, or the hub is unreachable) "
                          f"and no copy is cached: pass --model /path/to/folder holding its config.json, "
-                         f"*.safetensors and tokenizer files")
+                         f"*.safetensors and tokenizer files (`hf download {args.model}` on a machine with network), "
+                         f"or try the command line on a random one: `python tiny_checkpoint.py tiny`, then --model tiny")
             raise
         if args.verbose:
             log(f"[model loaded in {time.perf_counter() - t0:.1f} s on {weights.resolve_device(args.device)}]")

@@ -5,7 +5,8 @@ Quirks worth knowing:
 - Images: EXIF orientation first, then RGB as transformers does it (transparency composited onto white),
   then the CLIP ViT-L/14-336 steps. `image_mode="pad"` (default) first pastes the image centred on a square
   of the mean colour, as ViP-LLaVA was trained; `"crop"` is transformers' centre crop, which cuts off
-  whatever lies near the long edges of a non-square photo (markers included).
+  whatever lies near the long edges of a non-square photo (markers included). A file over MAX_IMAGE_PIXELS
+  is refused before decoding; a side over MAX_SIDE is reduced after the visual prompts are drawn.
 - Text: the checkpoint's tokenizer.json as it is. Its legacy Llama normalizer gives every text segment a
   leading "▁", so text right after `<image>` starts with token "▁" (29871 in the real vocabulary).
   Each `<image>` is expanded to `image_seq_length` (576) copies before tokenizing, as transformers does.
@@ -19,6 +20,7 @@ import json
 import math
 import re
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,15 @@ VIPLLAVA_CHAT_TEMPLATE = (
 
 
 # ---------------------------------------------------------------------------- images
+# load_image refuses an image file or URL over this many pixels before decoding it (a small file can
+# decode to gigabytes). 150 MP lets a 108 MP phone photo (12000x9000) through and sits below Pillow's own
+# refusal at 2 x Image.MAX_IMAGE_PIXELS = 179 MP; server.py's stricter 50 MP default guards the network.
+MAX_IMAGE_PIXELS = 150_000_000
+# preprocess first reduces an image whose long side is over this by an integer factor (a fast box filter):
+# the model sees 336 px anyway, and padding 12000x9000 to a square alone would take 432 MB.
+MAX_SIDE = 4096
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     shortest_edge: int = 336
@@ -79,12 +90,58 @@ def fetch(url: str, timeout: float = 30) -> bytes:
                       f"network, or download the image and pass its path") from e
 
 
-def load_image(image) -> Image.Image:
-    """A PIL image, upright as a viewer shows it (EXIF orientation applied), in whatever mode it has.
+def from_tensor(image: torch.Tensor) -> np.ndarray:
+    """A (C, H, W) torch image, uint8 0..255 or float 0..1 (torchvision's ToTensor), -> uint8 (H, W, C)."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"a torch image must have shape (C, H, W) with C = 1, 3 or 4, got {tuple(image.shape)}: "
+                         f"for (H, W, C) pass image.permute(2, 0, 1); for a batch pass one image at a time")
+    x = image.detach().cpu()
+    if x.is_floating_point():
+        lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
+        if not (0 <= lo and hi <= 1):  # NaN fails too
+            raise ValueError(f"a float torch image must hold values in [0, 1] (as ToTensor gives), got {lo:g}..{hi:g}: "
+                             f"for 0..255 values pass image.round().to(torch.uint8)")
+        x = (x.float() * 255).round().to(torch.uint8)  # exact for ToTensor's x / 255
+    elif x.dtype != torch.uint8:
+        raise TypeError(f"a torch image must be uint8 (0..255) or float (0..1), got {x.dtype}")
+    return x.permute(1, 2, 0).numpy()  # (H, W, C)
 
-    Accepts a path (str or Path), an http(s) URL, a PIL image, or a uint8 numpy array (H, W), (H, W, 1),
-    (H, W, 3) RGB or (H, W, 4) RGBA.
+
+def too_large(name: str, pixels: str) -> ValueError:
+    return ValueError(f"{name} is {pixels} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
+                      f"(processor.MAX_IMAGE_PIXELS): downscale it first, e.g. to {MAX_SIDE} px on the long side")
+
+
+def open_image(source, name: str) -> Image.Image:
+    """Decode a file or URL's bytes, refusing an image over MAX_IMAGE_PIXELS before its pixels are decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            image = Image.open(source)  # reads the header only
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            image.close()
+            raise too_large(name, f"{image.width}x{image.height} = {image.width * image.height:,}")
+        image.load()  # decode now, so that a truncated file fails here and not halfway through a batch
+    except Image.DecompressionBombError as e:  # over Pillow's own limit: it refuses before we see the size
+        count = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_large(name, f"{int(count[1]):,}" if count else "too many") from None
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{name} is not an image file Pillow can read (empty, or not PNG/JPEG/...)") from e
+    except OSError as e:
+        raise ValueError(f"{name} is truncated or damaged ({e}): download or save it again") from e
+    return image
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image, upright as a viewer shows it (EXIF orientation applied), in whatever mode it has, at full size
+    (coordinates of visual prompts are in its pixels; `preprocess` reduces a large one after they are drawn).
+
+    Accepts a path (str or Path), an http(s) URL, a PIL image, a uint8 numpy array (H, W), (H, W, 1),
+    (H, W, 3) RGB or (H, W, 4) RGBA, or a torch tensor (C, H, W) with C = 1, 3 or 4, uint8 0..255 or float
+    0..1. A file or URL over MAX_IMAGE_PIXELS is refused (ValueError) before it is decoded.
     """
+    if isinstance(image, torch.Tensor):
+        image = from_tensor(image)
     if isinstance(image, np.ndarray):
         channels = image.shape[2] if image.ndim == 3 else 1
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
@@ -100,16 +157,10 @@ def load_image(image) -> Image.Image:
             source = Path(name).expanduser()
             if not source.is_file():
                 raise FileNotFoundError(f"no image file {name}: check the path")
-        try:
-            image = Image.open(source)
-            image.load()  # decode now, so that a truncated file fails here and not halfway through a batch
-        except UnidentifiedImageError as e:
-            raise ValueError(f"{name} is not an image file Pillow can read (empty, or not PNG/JPEG/...)") from e
-        except OSError as e:
-            raise ValueError(f"{name} is truncated or damaged ({e}): download or save it again") from e
+        image = open_image(source, name)
     elif not isinstance(image, Image.Image):
-        raise TypeError(f"cannot use a {type(image).__name__} as an image: pass a path, a URL, a PIL image or "
-                        f"a numpy array")
+        raise TypeError(f"cannot use a {type(image).__name__} as an image: pass a path, a URL, a PIL image, "
+                        f"a numpy array or a torch tensor")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"the image has zero size ({image.width}x{image.height})")
     # A phone photo is often stored sideways with an EXIF "rotate" tag; apply it so that the model and
@@ -136,11 +187,24 @@ def expand_to_square(image: Image.Image, fill: tuple) -> Image.Image:
     return square
 
 
+def reduction(width: int, height: int) -> int:
+    """The integer factor `downscale` divides the sides by: the smallest that brings the long side to MAX_SIDE."""
+    return max(1, math.ceil(max(width, height) / MAX_SIDE))
+
+
+def downscale(image: Image.Image) -> Image.Image:
+    """`image` with its sides divided by `reduction` (rounded up; each new pixel the mean of a block), or
+    `image` itself if it fits. Draw visual prompts before: their coordinates are in the full-size pixels."""
+    factor = reduction(*image.size)
+    return image.reduce(factor) if factor > 1 else image
+
+
 def preprocess(image, mode: str = "pad", config: ImageConfig = ImageConfig()) -> torch.Tensor:
-    """One image -> (3, H, W) float32: RGB, [pad to a square,] resize, centre crop, rescale, normalize."""
+    """One image -> (3, H, W) float32: RGB, [pad to a square,] resize, centre crop, rescale, normalize.
+    An image over MAX_SIDE px is first `downscale`d (so it differs slightly from transformers' numbers)."""
     if mode not in ("pad", "crop"):
         raise ValueError(f"image_mode must be 'pad' (ViP-LLaVA training) or 'crop' (transformers), got {mode!r}")
-    image = to_rgb(load_image(image))
+    image = downscale(to_rgb(load_image(image)))
     if mode == "pad":
         image = expand_to_square(image, tuple(int(m * 255) for m in config.image_mean))  # (122, 116, 104)
     # Shortest edge to `shortest_edge`, the long one floored, exactly as transformers computes it.
@@ -154,6 +218,30 @@ def preprocess(image, mode: str = "pad", config: ImageConfig = ImageConfig()) ->
     x = (np.asarray(image).astype(np.float64) * config.rescale_factor).astype(np.float32)  # (H, W, 3)
     x = (x - np.array(config.image_mean, np.float32)) / np.array(config.image_std, np.float32)
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+class ImageProcessor:
+    """`processor.image_processor`, as in transformers: images -> {"pixel_values": (N, 3, H, W)}, with the
+    attribute names of CLIPImageProcessor. Its `image_mode` is the processor's: "pad" (ViP-LLaVA training)
+    unless set; "crop" gives CLIPImageProcessor's numbers."""
+
+    def __init__(self, config: ImageConfig = ImageConfig(), image_mode: str = "pad"):
+        self.config, self.image_mode = config, image_mode
+        self.size, self.resample = {"shortest_edge": config.shortest_edge}, config.resample
+        self.crop_size = {"height": config.crop_size[0], "width": config.crop_size[1]}
+        self.rescale_factor = config.rescale_factor
+        self.image_mean, self.image_std = list(config.image_mean), list(config.image_std)
+
+    def __call__(self, images, image_mode: str | None = None, return_tensors: str = "pt") -> dict:
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("no images: pass one image or a list of them")
+        mode = image_mode or self.image_mode
+        return {"pixel_values": torch.stack([preprocess(x, mode, self.config) for x in images])}  # (N, 3, H, W)
+
+    preprocess = __call__  # transformers' other name for it
 
 
 # ---------------------------------------------------------------------------- chat templates
@@ -177,8 +265,16 @@ def message_parts(message, i: int) -> tuple[str, int, str]:
     return role, n_images, "".join(c["text"] for c in content if c["type"] == "text")
 
 
+def refuse_image_token(text: str, where: str, how: str):
+    """A typed `<image>` where images are placed automatically would be one image slot too many: say so."""
+    if IMAGE_TOKEN in text:
+        raise ValueError(f"{where} contains {IMAGE_TOKEN}, which is reserved: {how}; write the text without it")
+
+
 def render_chat(conversation: list, add_generation_prompt: bool = False, template: str = "vipllava") -> str:
     """The prompt string. In both formats a message's images come before its text, one "<image>\\n" each.
+    Text may place an image itself by containing <image> (LLaVA's question files do), but not in a
+    conversation that also has image items: that is refused, as it would be one image slot too many.
 
     "vipllava": the hub template. `###Human: ` before user turns, `###Assistant: ` before assistant turns,
     nothing before a system message, no separator after a turn.
@@ -189,6 +285,9 @@ def render_chat(conversation: list, add_generation_prompt: bool = False, templat
         raise ValueError("the conversation is empty: pass a list of messages like "
                          "[{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': '...'}]}]")
     parts = [message_parts(m, i) for i, m in enumerate(conversation)]
+    if any(n for _, n, _ in parts):  # images as items: a typed <image> (LLaVA's own way) would be one too many
+        for i, (_, _, text) in enumerate(parts):
+            refuse_image_token(text, f"the text of message {i}", "the {'type': 'image'} items place the images")
     if template == "vipllava":
         prefix = {"user": "###Human: ", "assistant": "###Assistant: ", "system": ""}
         prompt = "".join(prefix[role] + "<image>\n" * n + text for role, n, text in parts)
@@ -219,7 +318,8 @@ class VipLlavaProcessor:
         if image_mode not in ("pad", "crop"):
             raise ValueError(f"image_mode must be 'pad' (ViP-LLaVA training) or 'crop' (transformers), "
                              f"got {image_mode!r}")
-        self.tokenizer, self.image_config, self.image_mode = tokenizer, image_config, image_mode
+        self.tokenizer, self.image_config = tokenizer, image_config
+        self.image_processor = ImageProcessor(image_config, image_mode)
         self.image_seq_length, self.context_length, self.chat_template = image_seq_length, context_length, chat_template
         self.image_token_id, self.pad_token_id = tokenizer.token_to_id(IMAGE_TOKEN), tokenizer.token_to_id(pad_token)
         if self.image_token_id is None or self.pad_token_id is None:
@@ -305,9 +405,16 @@ class VipLlavaProcessor:
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         flat = [image for imgs in per_text for image in imgs]
         if flat:  # no key at all for text-only input, as in transformers
-            mode = image_mode or self.image_mode
-            out["pixel_values"] = torch.stack([preprocess(x, mode, self.image_config) for x in flat])  # (N, 3, H, W)
+            out["pixel_values"] = self.image_processor(flat, image_mode)["pixel_values"]  # (N, 3, H, W)
         return out
+
+    @property
+    def image_mode(self) -> str:  # one setting, kept by the image processor
+        return self.image_processor.image_mode
+
+    @image_mode.setter
+    def image_mode(self, mode: str):
+        self.image_processor.image_mode = mode
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one prompt, as __call__ makes them: each <image> expanded, then tokenized (with <s>)."""

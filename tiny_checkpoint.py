@@ -4,10 +4,13 @@
 byte fallback, `<unk>`=0 `<s>`=1 `</s>`=2, the 256 byte pieces, then a few hundred pieces trained here on a
 small built-in corpus, then `<image>` and `<pad>`), the CLIP preprocessor config, the processor config,
 the chat template and the generation config - the same files, in the same form, as llava-hf/vip-llava-7b-hf.
+`python tiny_checkpoint.py FOLDER` writes a TINY one, to try the command line offline (--help for options).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 from processor import CLIP_MEAN, CLIP_STD, VIPLLAVA_CHAT_TEMPLATE
@@ -154,9 +157,53 @@ def write_checkpoint(folder, text: dict | None = None, vision: dict | None = Non
     return folder
 
 
-if __name__ == "__main__":  # python tiny_checkpoint.py FOLDER: a checkpoint to try the command line on, offline
-    import sys
+# ---------------------------------------------------------------------------- the command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, as vipllava.py's errors
+        print(f"tiny_checkpoint.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tiny_checkpoint.py FOLDER")
-    print(write_checkpoint(sys.argv[1], dtype="float32"))
+
+def is_checkpoint(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "vipllava"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_folder(folder: Path, force: bool, p: Parser):
+    """Write only into a new or empty folder, or with --force over a VipLlava checkpoint: never over other files."""
+    if folder.exists() and not folder.is_dir():
+        p.error(f"{folder} is a file: give a folder to write the checkpoint into")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not is_checkpoint(folder):
+        p.error(f"{folder} is not empty and holds no VipLlava checkpoint: choose a new or empty folder")
+    if not force:
+        p.error(f"{folder} already holds a VipLlava checkpoint: use it as it is, or pass --force to replace it")
+    for old in [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # a sharded checkpoint's index would otherwise point at its old shards
+
+
+def main(argv=None):
+    p = Parser(prog="tiny_checkpoint.py", description="Write a small random VipLlava checkpoint in the hub format "
+               "(about 1 MB), to try the command line, the server and the notebooks offline: "
+               "python vipllava.py --model FOLDER --image ... --prompt .... Its weights are random: answers are gibberish.")
+    p.add_argument("folder", metavar="FOLDER", help="where to write it: a new or empty folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="of the weights (default float32: runs on every CPU)")
+    p.add_argument("--seed", type=int, default=0, help="of the random weights (default 0)")
+    p.add_argument("--force", action="store_true", help="replace the checkpoint a folder already holds "
+                   "(a folder with other files is never written into)")
+    args = p.parse_args(argv)
+    folder = Path(args.folder).expanduser()
+    check_folder(folder, args.force, p)
+    write_checkpoint(folder, dtype=args.dtype, seed=args.seed)
+    print(f"wrote a random VipLlava checkpoint ({args.dtype}, seed {args.seed}) to {folder}: its answers are "
+          f"gibberish; try python vipllava.py --model {folder} --image tests/images/chelsea.png --prompt ...",
+          file=sys.stderr)
+    print(folder)  # on stdout, for scripts
+
+
+if __name__ == "__main__":  # python tiny_checkpoint.py FOLDER: a checkpoint to try the command line on, offline
+    main()

@@ -76,7 +76,8 @@ def resolve(path_or_repo_id, allow_patterns=CONFIG_FILES + WEIGHT_FILES) -> Path
             f"could not fetch {name!r} from the Hugging Face hub{offline}, and no complete copy is in the hub cache "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without network access, download it on "
             f"another machine (`hf download {name}`) and pass the local folder that holds config.json and the "
-            f"*.safetensors files instead.") from e
+            f"*.safetensors files instead; to try the code offline, `python tiny_checkpoint.py FOLDER` writes a "
+            f"small random checkpoint there (its answers are gibberish).") from e
 
 
 def read_config(folder: Path) -> dict:

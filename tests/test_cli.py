@@ -110,6 +110,14 @@ def test_chat_two_turns_through_stdin(checkpoint):
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--temperature", "1", "--top-p", "2"], "--top-p must be in (0, 1]"),
     (["--top-k", "-3"], "--top-k must be an integer >= 0"),
+    (["--image", CAT, "--prompt", "<image>\nWhat is it?"], "--prompt contains <image>, which is reserved: the image is placed"),
+    (["--prompt", "<image> What?"], "--prompt contains <image>, which is reserved"),  # without --image too
+    (["--image", CAT, "--system", "Look: <image>"], "--system contains <image>, which is reserved"),
+    (["--image", CAT, "--save-annotated", "no-such-folder/m.png"], "--save-annotated: folder no-such-folder does not exist"),
+    (["--image", "nope.png", "--save-annotated", "no-such-folder/m.png"], "--save-annotated: folder"),  # before the image
+    (["--image", CAT, "--save-annotated", "tests"], "--save-annotated: tests is a folder"),
+    (["--image", CAT, "--save-annotated", "marked.xyz"], "cannot tell an image format from 'marked.xyz'"),
+    (["--save-annotated", "marked.png"], "--save-annotated needs --image"),
 ])
 def test_bad_input_is_one_line_and_status_2(checkpoint, args, message):
     r = run("--model", checkpoint, "--prompt", "What is it?", *args)
@@ -119,11 +127,23 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, args, message):
     assert r.stdout == ""
 
 
+def test_save_annotated_where_nothing_may_be_written_is_refused_before_loading(monkeypatch, capsys, tmp_path):
+    import cli  # in this process: a root user may write anywhere, so the permission check is stubbed
+
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--image", str(CAT), "--prompt", "?", "--save-annotated", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--save-annotated: {tmp_path / 'm.png'} cannot be written here (no permission)" in err
+
+
 def test_offline_without_a_cached_model_says_how_to_use_a_local_folder(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")}
     r = run("--image", CAT, "--prompt", "What is it?", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--model /path/to/folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "`hf download llava-hf/vip-llava-7b-hf`" in r.stderr and "`python tiny_checkpoint.py tiny`" in r.stderr
 
 
 def test_crop_mode_warns_about_a_marker_it_cuts_away(checkpoint):
@@ -137,3 +157,26 @@ def test_help_shows_the_defaults():
     assert r.returncode == 0
     text = " ".join(r.stdout.split())  # argparse wraps lines
     assert "(default: 256)" in text and "(default: pad)" in text and "(default: vipllava)" in text
+
+
+def test_image_over_the_pixel_limit_is_one_line_and_status_2(checkpoint, tmp_path):
+    from test_processor import png_claiming
+
+    (tmp_path / "huge.png").write_bytes(png_claiming(13000, 12000))  # only the header: nothing big is written
+    r = run("--model", checkpoint, "--image", tmp_path / "huge.png", "--prompt", "?")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "huge.png is 13000x12000 = 156,000,000 pixels, more than the limit of 150,000,000" in r.stderr
+
+
+def test_a_108_megapixel_photo_gets_one_note_and_its_marks_in_full_size_pixels(checkpoint, tmp_path):
+    Image.new("RGB", (12000, 9000), (40, 40, 200)).save(tmp_path / "phone.png", compress_level=1)
+    r = run("--model", checkpoint, "--image", tmp_path / "phone.png", "--prompt", "?", "--box", "6000,3000,9000,6000",
+            "--max-new-tokens", 1, "--save-annotated", tmp_path / "marked.png")
+    assert r.returncode == 0, r.stderr
+    assert "DecompressionBomb" not in r.stderr and "Warning" not in r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the image is 12000x9000, over 4096 px on a side: the model gets it reduced 3x, "
+                     "to 4000x3000, after the marks are drawn at full size"]
+    marked = load_image(tmp_path / "marked.png")  # saved at full size, the box where the user put it
+    assert marked.size == (12000, 9000) and marked.getpixel((6010, 4500)) == (255, 0, 0)
+    assert marked.getpixel((5990, 4500)) == (40, 40, 200) and marked.getpixel((7500, 4500)) == (40, 40, 200)

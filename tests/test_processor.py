@@ -1,10 +1,12 @@
 """The processor against transformers (the reference): pixels vs CLIPImageProcessor, ids vs LlavaProcessor,
 prompts vs the hub's Jinja chat template, decoding vs the tokenizer; then streaming and every error."""
+import io
 import json
 import random
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -443,6 +445,18 @@ def test_conversation_errors(ours):
         ours.apply_chat_template(DOCUMENTED, template="chatml")
 
 
+def test_typed_image_token_is_refused_next_to_image_items(ours):
+    # With image items, a typed <image> would be an image slot too many ("2 <image> tokens but 1 image").
+    mixed = [user({"type": "image"}, text("What is <image>?"))]
+    with pytest.raises(ValueError, match=r"the text of message 0 contains <image>, which is reserved: the "
+                                         r"\{'type': 'image'\} items place the images; write the text without it"):
+        ours.apply_chat_template(mixed)
+    with pytest.raises(ValueError, match="the text of message 1 contains <image>"):  # in another message too
+        ours.apply_chat_template([user({"type": "image"}, text("hi")), user(text("<image> and this?"))])
+    # Without image items, text may place the image itself, as LLaVA's question files do.
+    assert ours.apply_chat_template([user(text("<image>\nWhat?"))]) == "###Human: <image>\nWhat?"
+
+
 def test_checkpoint_file_errors(tmp_path):
     write_checkpoint(tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"model": "broken"')
@@ -471,3 +485,90 @@ def test_image_mode_error(tmp_path):
 def test_return_tensors_error(ours):
     with pytest.raises(ValueError, match="only 'pt'"):
         ours("Hi", return_tensors="np")
+
+
+# ---------------------------------------------------------------------------- large images, tensors
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: a decompression bomb's header, without its data."""
+    import struct
+    import zlib
+
+    out = io.BytesIO()
+    Image.new("L", (1, 1)).save(out, format="PNG")
+    raw = bytearray(out.getvalue())
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + bytes(raw[24:29])
+    raw[12:29], raw[29:33] = ihdr, struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("w,h,pixels", [(13000, 12000, "13000x12000 = 156,000,000"),  # over ours, under Pillow's
+                                        (20000, 20000, "400,000,000")])  # over Pillow's limit too: it refuses first
+def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, w, h, pixels):
+    (tmp_path / "huge.png").write_bytes(png_claiming(w, h))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        with pytest.raises(ValueError, match=rf"huge.png is {pixels} pixels, more than the limit of 150,000,000 "
+                                             rf"\(processor.MAX_IMAGE_PIXELS\): downscale it first"):
+            load_image(tmp_path / "huge.png")
+
+
+def test_large_image_is_reduced_for_the_model_after_the_marks_are_drawn():
+    big = Image.new("RGB", (9000, 600), (30, 90, 30))  # long side over MAX_SIDE = 4096: reduced 3x
+    marked = P.draw_visual_prompt(big, "box", [3000, 150, 6000, 450], width=12)  # coordinates in full-size pixels
+    small = P.downscale(marked)
+    assert small.size == (3000, 200)
+    red = np.argwhere((np.asarray(small) == [255, 0, 0]).all(-1))  # (y, x) of pure red pixels
+    assert np.abs(red.min(0) - [50, 1000]).max() <= 2 and np.abs(red.max(0) - [150, 2000]).max() <= 2
+    assert torch.equal(preprocess(marked), preprocess(small))  # the processor does the same reduction
+    photo_size = photo("chelsea.png")
+    assert P.downscale(photo_size) is photo_size  # small images are untouched: transformers' numbers stay exact
+
+
+def test_a_108_megapixel_file_loads_without_a_pillow_warning(tmp_path):
+    Image.new("RGB", (12000, 9000), (200, 40, 40)).save(tmp_path / "phone.png", compress_level=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = load_image(tmp_path / "phone.png")
+    assert image.size == (12000, 9000)  # full size: marks are drawn in its pixels
+    assert preprocess(image).shape == (3, 336, 336)
+
+
+@pytest.mark.parametrize("name", ["chelsea.png", "horse.png", "camera.png"])  # RGB, RGBA, L
+def test_torch_tensors_give_the_same_pixels_as_numpy(name):
+    array = np.asarray(photo(name))
+    chw = torch.from_numpy((array if array.ndim == 3 else array[..., None]).copy()).permute(2, 0, 1)  # (C, H, W) uint8
+    for tensor in (chw, chw / 255):  # uint8 0..255, and float 0..1 as torchvision's ToTensor gives
+        image = load_image(tensor)
+        assert image.mode == photo(name).mode and np.array_equal(np.asarray(image), array)
+        assert torch.equal(preprocess(tensor), preprocess(array))
+
+
+def test_torch_tensor_errors():
+    with pytest.raises(ValueError, match=r"shape \(C, H, W\) with C = 1, 3 or 4, got \(30, 40, 3\).*permute"):
+        load_image(torch.zeros(30, 40, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"got \(1, 3, 30, 40\).*one image at a time"):
+        load_image(torch.zeros(1, 3, 30, 40))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\].*got 0\.\.255.*to\(torch.uint8\)"):
+        load_image(torch.full((3, 4, 4), 255.0).index_fill_(1, torch.tensor([0]), 0))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\].*got nan"):
+        load_image(torch.full((3, 4, 4), float("nan")))
+    with pytest.raises(TypeError, match="uint8 \\(0..255\\) or float \\(0..1\\), got torch.int64"):
+        load_image(torch.zeros(3, 4, 4, dtype=torch.long))
+
+
+def test_image_processor_is_the_processors_and_matches_clip_image_processor(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    write_checkpoint(tmp_path, image_size=336)
+    processor, reference = VipLlavaProcessor.from_pretrained(tmp_path), CLIPImageProcessor.from_pretrained(tmp_path)
+    images = [photo("coffee.png"), photo("horse.png")]
+    ours = processor.image_processor(images)["pixel_values"]  # (2, 3, 336, 336), padded as in training
+    assert torch.equal(ours, processor("<image><image>", images)["pixel_values"])
+    crop = processor.image_processor(images, image_mode="crop")["pixel_values"]
+    assert (crop - reference(images=images, return_tensors="pt")["pixel_values"]).abs().max() <= PIXEL_TOL
+    for name in ("size", "crop_size", "image_mean", "image_std", "resample", "rescale_factor"):
+        assert getattr(processor.image_processor, name) == pytest.approx(getattr(reference, name)), name
+    processor.image_mode = "crop"  # one setting: the processor's is the image processor's
+    assert torch.equal(processor.image_processor.preprocess(images)["pixel_values"], crop)
+    with pytest.raises(ValueError, match="no images"):
+        processor.image_processor([])

@@ -121,6 +121,8 @@ def test_hub_id_offline_without_cache_fails_clearly_and_never_touches_the_networ
     with pytest.raises(OSError, match=r"could not fetch 'llava-hf/vip-llava-7b-hf' .*HF_HUB_OFFLINE is set.*"
                                       r"pass the local folder that holds config\.json") as e:
         VipLlava.from_pretrained("llava-hf/vip-llava-7b-hf", verbose=False)
+    assert "`hf download llava-hf/vip-llava-7b-hf`" in str(e.value)  # both ways out: the real model
+    assert "`python tiny_checkpoint.py FOLDER`" in str(e.value)  # or a random one, to try the code
     assert not isinstance(e.value, FileNotFoundError)  # not "no such folder": it was looked up as a hub id
     assert no_network == []
 
