@@ -432,7 +432,7 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--quantize", default=None, help="weight quantization, passed to VipLlava.from_pretrained")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights while loading")
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="largest request body (413 above)")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest image (413 above)")
@@ -454,8 +454,7 @@ def main(argv=None):
 
     def load():
         processor = VipLlavaProcessor.from_pretrained(args.model)
-        extra = {} if args.quantize is None else {"quantize": args.quantize}  # only when asked for
-        model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device, **extra)
+        model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
         return model, processor
 
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning")

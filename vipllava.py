@@ -16,10 +16,13 @@ Usage: python vipllava.py --image photo.jpg --prompt "What is inside the red box
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,8 +31,8 @@ import torch.nn.functional as F
 import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from llama import Llama, LlamaConfig
-from processor import IMAGE_TOKEN, SYSTEM_PROMPT
-from quantize import Linear
+from processor import IMAGE_TOKEN, SYSTEM_PROMPT, refuse_image_token
+from quantize import Linear, check_group_size, check_mode, portable_state_dict, quantize_language_model
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
 CACHE_STEP = 256  # a kept KV cache grows by this many positions, so that a compiled decode step is reused
@@ -119,6 +122,7 @@ class VipLlava(nn.Module):
         self.multi_modal_projector = MultiModalProjector(config)
         self.language_model = Llama(config.text_config)
         self.compiled_step = None  # set by compile_decode
+        self.source = self.raw_config = self.quantization = None  # set by from_pretrained, for save_pretrained
 
     @property
     def dtype(self) -> torch.dtype:  # as transformers' model.dtype (the embedding's: never quantized)
@@ -314,14 +318,23 @@ class VipLlava(nn.Module):
         return new
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, verbose: bool = True,
-                        torch_dtype=None) -> "VipLlava":
-        """Load a checkpoint folder or hub id. dtype None: float32 on CPU, the checkpoint's dtype elsewhere.
-        `torch_dtype` is transformers' older name for `dtype`."""
+    def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, quantize: str | None = None,
+                        group_size: int = 128, verbose: bool = True, torch_dtype=None) -> "VipLlava":
+        """Load a checkpoint folder or hub id.
+
+        dtype None/'auto': bfloat16 with `quantize`; on a CPU float32 if it fits in memory with room to spare,
+        else bfloat16; elsewhere the checkpoint's dtype. `torch_dtype` is transformers' older name for it.
+        quantize 'int8' / 'int4' (groups of `group_size` inputs): the language model's Linears are quantized
+        tensor by tensor while loading (quantize.py). A folder that save_pretrained wrote from a quantized
+        model loads as it was saved.
+        """
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
                 raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: pass one of them (dtype)")
             dtype = torch_dtype
+        if quantize is not None:
+            check_mode(quantize)
+            check_group_size(group_size)
         device = weights.resolve_device(device)
         weights.resolve_dtype(dtype, device, torch.float16)  # an unknown dtype fails before any download
         folder = weights.resolve(path_or_repo_id)
@@ -329,11 +342,70 @@ class VipLlava(nn.Module):
         if raw.get("model_type", "vipllava") != "vipllava":
             raise ValueError(f"{folder} holds a {raw['model_type']!r} model, not a VipLlava one (model_type vipllava)")
         config = VipLlavaConfig.from_dict(raw)
+        saved = saved_quantization(raw, folder, quantize, group_size)
+        mode, group_size = saved or (quantize, group_size)
+
+        def build(mode):
+            with torch.device("meta"):
+                model = cls(config)
+                if mode:
+                    quantize_language_model(model.language_model, mode, group_size)
+            return model
+
+        model = build(mode)
+        if dtype in (None, "auto") and (mode or device.type == "cpu"):  # bf16: what the int8/int4 kernels take
+            dtype = torch.bfloat16 if mode else weights.auto_cpu_dtype(model, build, verbose)
         dtype = weights.resolve_dtype(dtype, device, weights.checkpoint_dtype(raw, folder))
-        with torch.device("meta"):
-            model = cls(config)
-        weights.load_weights(model, folder, dtype, device, check=config.check_projector_shape, verbose=verbose)
+        weights.load_weights(model, folder, dtype, device, check=config.check_projector_shape, verbose=verbose,
+                             quantizing=bool(mode) and not saved)
+        model.source, model.raw_config = folder, raw
+        model.quantization = {"weights": mode, "group_size": group_size} if mode else None
         return model.eval().requires_grad_(False)
+
+    def save_pretrained(self, folder, max_shard_bytes: int = 5 * 2**30):
+        """Write a complete checkpoint folder: safetensors (+ index when sharded), config.json (with a
+        `quantization_config` for a quantized model, which from_pretrained then loads as it is) and the
+        tokenizer / processor files of the folder the model came from. Quantized layers are written in
+        their portable form (quantize.py), whatever device they were packed for."""
+        if self.source is None:
+            raise ValueError("save_pretrained needs the folder a model came from (its tokenizer and config): "
+                             "load the model with VipLlava.from_pretrained")
+        folder = Path(folder)
+        if folder.exists() and (not folder.is_dir() or any(folder.glob("*.safetensors"))):
+            raise FileExistsError(f"{folder} is a file or already holds weights: save into a new or empty folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        weights.save_weights(portable_state_dict(self), folder, max_shard_bytes)
+        config = {k: v for k, v in self.raw_config.items() if k not in ("quantization_config", "torch_dtype")}
+        config["dtype"] = str(self.dtype).removeprefix("torch.")
+        if self.quantization:
+            config["quantization_config"] = {"quant_method": QUANT_METHOD, **self.quantization,
+                                             "lm_head": "int8", "modules": "language_model Linears"}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for file in sorted(self.source.iterdir()):  # tokenizer, processor, chat template, generation config
+            if file.is_file() and file.suffix in (".json", ".jinja", ".model", ".txt") and \
+                    file.name not in ("config.json", "model.safetensors.index.json"):
+                shutil.copyfile(file, folder / file.name)
+        return folder
+
+
+QUANT_METHOD = "vipllava-weight-only"  # the quantization_config a quantized save_pretrained writes
+
+
+def saved_quantization(raw: dict, folder, quantize, group_size) -> tuple[str, int] | None:
+    """(mode, group size) of a folder save_pretrained wrote from a quantized model; None for a float one."""
+    saved = raw.get("quantization_config")
+    if not saved:
+        return None
+    if saved.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{folder} is quantized with {saved.get('quant_method')!r}, which this loader does not read: "
+                         f"use the float checkpoint, with quantize='int8' or 'int4' to quantize it here")
+    mode, group = saved["weights"], saved.get("group_size", 128)
+    if quantize is not None and (quantize, group_size if quantize == "int4" else group) != (mode, group):
+        kind = mode + (f" (group size {group})" if mode == "int4" else "")
+        raise ValueError(f"{folder} holds a model already quantized to {kind}, but quantize={quantize!r}"
+                         f"{f', group_size={group_size}' if quantize == 'int4' else ''} was asked for: load it with "
+                         f"quantize=None, or quantize the float checkpoint instead")
+    return mode, group
 
 
 def queue_ahead(device: torch.device) -> bool:
@@ -474,9 +546,7 @@ class ChatSession:
     def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, seed=None, streamer=None) -> str:
         """The answer to `question` (stripped), streamed piece by piece to `streamer` if given."""
-        if IMAGE_TOKEN in question:
-            raise ValueError(f"the question contains {IMAGE_TOKEN}: the session's image is given once, to "
-                             f"ChatSession(image=...); write the question without it")
+        refuse_image_token(question, "the question", "the session's image is given once, to ChatSession(image=...)")
         first = not any(m["role"] == "user" for m in self.conversation)
         content = [{"type": "image"}] * (first and self.image is not None) + [{"type": "text", "text": question}]
         conversation, prompt, dropped = self.fit(self.conversation + [{"role": "user", "content": content}], max_new_tokens)

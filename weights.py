@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+import quantize
+
 CONFIG_FILES = ["*.json", "*.jinja"]  # config, tokenizer, preprocessor, chat template
 WEIGHT_FILES = ["*.safetensors", "model.safetensors.index.json"]
 
@@ -232,10 +234,32 @@ def size(n_bytes: int) -> str:
     return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
+ROOM = 1.2  # float32 is the CPU default only with this much room: the activations, the KV cache, the OS
+
+
+def auto_cpu_dtype(model, build, verbose: bool = True) -> torch.dtype:
+    """float32 if its weights fit in the available memory with room to spare, else bfloat16; else an error
+    with what int8 and int4 would need. `build(mode)` builds the model on meta, quantized to mode."""
+    free = available_memory(torch.device("cpu"))
+    sizes = {dtype: quantize.weight_bytes(model, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for dtype, n in sizes.items():
+        if free is None or n * ROOM <= free:
+            if verbose:
+                log(f"dtype auto: {str(dtype).removeprefix('torch.')} ({size(n)} of weights"
+                    f"{'' if free is None else f', {size(free)} of memory available'})")
+            return dtype
+    need = {mode: quantize.weight_bytes(build(mode), torch.bfloat16) for mode in quantize.MODES}
+    raise MemoryError(f"the weights need {size(sizes[torch.float32])} in float32 and {size(sizes[torch.bfloat16])} in "
+                      f"bfloat16, but only {size(free)} of memory is available: quantize them while loading, "
+                      f"quantize='int8' (--quantize int8, {size(need['int8'])}) or quantize='int4' (--quantize int4, "
+                      f"{size(need['int4'])})")
+
+
 def check_fits(n_bytes: int, dtype: torch.dtype, device: torch.device):
     free = available_memory(device)
     if free is not None and n_bytes > free:
-        smaller = " load in float16 or bfloat16 (dtype=..., --dtype) to halve it," if dtype.itemsize > 2 else ""
+        smaller = " load in float16 or bfloat16 (dtype=..., --dtype) to halve it," if dtype.itemsize > 2 else \
+            " quantize while loading (quantize='int8' or 'int4', --quantize) to need a half or a third of it,"
         raise MemoryError(f"the weights need {size(n_bytes)} in {str(dtype).removeprefix('torch.')} but only "
                           f"{size(free)} is available on {device}:{smaller} use a device with more memory, "
                           f"or free some memory")
@@ -243,17 +267,28 @@ def check_fits(n_bytes: int, dtype: torch.dtype, device: torch.device):
 
 # ---------------------------------------------------------------------------- loading
 def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device,
-                 check=None, verbose: bool = True):
+                 check=None, verbose: bool = True, quantizing: bool = False):
     """Assign the checkpoint's tensors to `model` (built on the meta device), converted to dtype.
 
     `check(name, checkpoint_shape, model_shape)` may raise a more specific error for a shape mismatch.
+    quantizing: the model's quantized layers (quantize.py) are filled from the checkpoint's float weights,
+    each quantized as soon as it is read, so the full-precision model never exists in memory. Otherwise
+    their tensors are read as saved (a quantized checkpoint) and keep their own dtypes.
     """
     files = shard_files(folder)
     headers = {file: read_header(file) for file in files}
     keys = [k for header, _ in headers.values() for k in header]
     original = any(k.startswith(("model.mm_projector.", "model.layers.", "model.embed_tokens.")) for k in keys)
 
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    meta = model.state_dict()
+    expected = {k: v.shape for k, v in meta.items()}
+    layers = {f"{name}.weight": m for name, m in quantize.quantized_layers(model).items()}  # by weight name
+    keep_dtype = {f"{name[:-7]}.{k}" for name in layers for k in ("weight", "scales", "zeros")}
+    if quantizing:  # the checkpoint holds (out, in) float weights where the model has q, scales (, zeros)
+        for name, m in layers.items():
+            for key in keep_dtype & {f"{name[:-7]}.{k}" for k in ("scales", "zeros")}:
+                expected.pop(key, None)
+            expected[name] = torch.Size((m.out_features, m.in_features))
     plan, found = {}, {}  # file -> [(key, name)]; name -> checkpoint shape
     for file, (header, _) in headers.items():
         for key, entry in header.items():
@@ -279,7 +314,7 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
             raise ValueError(f"shape mismatch for {name}: the checkpoint has {tuple(shape)}, the model built from "
                              f"config.json expects {tuple(expected[name])}. Is config.json the one that came with the weights?")
 
-    check_fits(sum(s.numel() for s in expected.values()) * dtype.itemsize, dtype, device)
+    check_fits(quantize.weight_bytes(model, dtype), dtype, device)
     state, t0 = {}, time.perf_counter()
     largest = max((e["data_offsets"][1] - e["data_offsets"][0] for h, _ in headers.values() for e in h.values()),
                   default=0)
@@ -290,11 +325,18 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
         header, start = headers[file]
         with open(file, "rb", buffering=0) as f:
             for key, name in sorted(pairs, key=lambda p: header[p[0]]["data_offsets"][0]):  # read in file order
-                state[name] = read_tensor(f, file, start, header[key], dtype, device, scratch)
+                if quantizing and name in layers:  # read as stored (on the CPU), quantized, then placed
+                    w = read_tensor(f, file, start, header[key], None, "cpu", scratch)
+                    prefix = name[:-len("weight")]
+                    state.update({prefix + k: v.to(device) for k, v in layers[name].from_float(w).items()})
+                    del w
+                else:
+                    own = meta[name].dtype if name in keep_dtype else dtype
+                    state[name] = read_tensor(f, file, start, header[key], own, device, scratch)
     if verbose:
         log(f"\rloading weights: {len(plan)} shard(s), {len(state)} tensors in {time.perf_counter() - t0:.1f} s")
     model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return quantize.pack(model)
 
 
 def checkpoint_dtype(config: dict, folder: Path) -> torch.dtype:
@@ -324,7 +366,7 @@ def save_weights(state: dict, folder: Path, max_shard_bytes: int = 5 * 2**30):
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for file, names in zip(files, shards):
-        save_file({k: state[k].contiguous() for k in names}, folder / file, metadata={"format": "pt"})
+        save_file({k: state[k].contiguous().cpu() for k in names}, folder / file, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
