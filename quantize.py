@@ -118,21 +118,29 @@ def in_pieces(x, out_features: int, piece, bias=None, multiple: int = 64):
     return (y if bias is None else y + bias.to(dtype)).to(x.dtype)
 
 
-def rows_in_chunks(w: torch.Tensor, fn, step_elements: int = 2**22):
-    """fn over pieces of w's rows, results concatenated along each output's first dim: bounds the float32
-    temporaries of quantizing to a few pieces' size instead of several copies of the whole weight."""
+def rows_in_chunks(w: torch.Tensor, fn, step_elements: int = 2**20):
+    """fn over pieces of w's rows, written into outputs allocated once at their full size: quantizing then
+    needs a few small float32 temporaries, the same size each time, instead of several copies of the weight
+    (a loop of big temporaries of varying sizes fragments the heap: loads grew 2x the weights' size)."""
     step = max(1, step_elements // w.shape[1])
-    outs = [fn(w[i:i + step]) for i in range(0, w.shape[0], step)]
-    return tuple(torch.cat(parts) for parts in zip(*outs))
+    outs = None
+    for i in range(0, w.shape[0], step):
+        parts = fn(w[i:i + step])
+        if outs is None:
+            outs = tuple(torch.empty((w.shape[0], *p.shape[1:]), dtype=p.dtype) for p in parts)
+        for out, p in zip(outs, parts):
+            out[i:i + step] = p
+    return outs
 
 
 # ---------------------------------------------------------------------------- int8
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> int8 q (N, K) and float32 scales (N,), symmetric per output channel."""
-    def part(w):
+    def part(w):  # in place on one float32 copy of the piece: the only temporary
         w = w.float()
-        scales = (w.abs().amax(dim=1) / 127.5).clamp(min=torch.finfo(torch.float32).smallest_normal)  # (n,)
-        return (w * (1.0 / scales)[:, None]).round().clamp(-128, 127).to(torch.int8), scales
+        lo, hi = torch.aminmax(w, dim=1)
+        scales = (torch.maximum(-lo, hi) / 127.5).clamp(min=torch.finfo(torch.float32).smallest_normal)  # (n,)
+        return w.mul_((1.0 / scales)[:, None]).round_().clamp_(-128, 127).to(torch.int8), scales
 
     return rows_in_chunks(w, part)
 
@@ -175,7 +183,7 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.dequantize().to(x.dtype))
         else:  # one kernel under torch.compile: the int8 weight is read once, converted in registers
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 # ---------------------------------------------------------------------------- int4
@@ -194,20 +202,23 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor,
 
     def part(w):
         n, k = w.shape
-        g = w.float().view(n, k // group_size, group_size)
-        lo, hi = g.amin(-1), g.amax(-1)  # (n, K/g)
+        g = w.float().view(n, k // group_size, group_size)  # one float32 copy, then in place
+        lo, hi = torch.aminmax(g, dim=-1)  # (n, K/g)
         scales = ((hi - lo) / 15).clamp(min=1e-6)
         zeros = (lo + scales * 8).to(torch.bfloat16)  # torchao's order: the zero from the unrounded scale
         scales = scales.to(torch.bfloat16)
         low = zeros - scales * 8  # in bf16, as torchao computes it, so that q comes out identical
-        q = ((g - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).view(n, k)
+        q = g.sub_(low[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(n, k)
         return q[:, 0::2] << 4 | q[:, 1::2], scales, zeros
 
     return rows_in_chunks(w, part)
 
 
 def unpack_nibbles(packed):  # (N, K/2) uint8, high nibble first -> (N, K) values 0..15
-    return torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], -1)
+    q = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_right_shift(packed, 4, out=q[:, 0::2])
+    torch.bitwise_and(packed, 15, out=q[:, 1::2])
+    return q
 
 
 # The CPU kernel's layout, for the N rows in blocks of B (32 with AVX2, 64 with AVX-512): for each column k,
@@ -215,7 +226,8 @@ def unpack_nibbles(packed):  # (N, K/2) uint8, high nibble first -> (N, K) value
 def pack_for_cpu(q, block: int):  # (N, K) uint8 values -> (N, K/2) uint8
     N, K = q.shape
     v = q.view(N // block, 2, block // 32, 16, K)
-    return (v[:, 1] << 4 | v[:, 0]).permute(0, 3, 1, 2).reshape(N, K // 2)
+    b = v[:, 1] << 4
+    return b.bitwise_or_(v[:, 0]).permute(0, 3, 1, 2).reshape(N, K // 2)
 
 
 def unpack_for_cpu(packed, block: int):  # the inverse of pack_for_cpu
@@ -317,7 +329,7 @@ class Int4Linear(nn.Module):
             return in_pieces(x, self.out_features, self.dequantize, self.bias)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 # ---------------------------------------------------------------------------- the model

@@ -135,7 +135,7 @@ CHUNK_BYTES = 16 * 2**20  # conversions go through one scratch buffer of this si
 
 
 def read_tensor(f, file: Path, start: int, entry: dict, dtype: torch.dtype | None = None, device="cpu",
-                scratch: torch.Tensor | None = None) -> torch.Tensor:
+                scratch: torch.Tensor | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor, floating point ones converted to `dtype`, on `device`.
 
     The result is allocated once at its final size and dtype. In the checkpoint's dtype on the CPU the
@@ -143,11 +143,16 @@ def read_tensor(f, file: Path, start: int, entry: dict, dtype: torch.dtype | Non
     tensor) a chunk at a time, so no full-size temporary is ever made: a loop of full-size temporaries,
     freed and reallocated between bigger results, fragments the heap and left loads of an fp16 checkpoint
     in float32 with 10-40% more resident memory than the weights, depending on the allocator's luck.
+    `into` (uint8, CPU, in the checkpoint's dtype only): a reused buffer to read into, for a tensor that is
+    quantized and dropped at once.
     """
     begin, end = entry["data_offsets"]
     src = SAFETENSORS_DTYPES[entry["dtype"]]
     dtype = dtype if dtype is not None and src.is_floating_point else src
-    out = torch.empty(entry["shape"], dtype=dtype, device=device)
+    if into is not None:
+        out = into[:(end - begin) // src.itemsize * src.itemsize].view(src).view(entry["shape"])
+    else:
+        out = torch.empty(entry["shape"], dtype=dtype, device=device)
     n = end - begin
     if n != out.numel() * src.itemsize:
         raise ValueError(f"{file.name} is corrupt: a tensor of shape {entry['shape']} in {entry['dtype']} takes "
@@ -319,6 +324,10 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
     largest = max((e["data_offsets"][1] - e["data_offsets"][0] for h, _ in headers.values() for e in h.values()),
                   default=0)
     scratch = torch.empty(min(largest, CHUNK_BYTES), dtype=torch.uint8)
+    to_quantize = [header[key] for file, pairs in plan.items() for key, name in pairs
+                   if quantizing and name in layers for header in [headers[file][0]]]
+    into = torch.empty(max((e["data_offsets"][1] - e["data_offsets"][0] for e in to_quantize), default=0),
+                       dtype=torch.uint8)  # the largest float weight to quantize, read into one buffer, reused
     for i, (file, pairs) in enumerate(plan.items()):
         if verbose:
             log(f"\rloading weights: shard {i + 1}/{len(plan)} ({file.name})", end="")
@@ -326,10 +335,9 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
         with open(file, "rb", buffering=0) as f:
             for key, name in sorted(pairs, key=lambda p: header[p[0]]["data_offsets"][0]):  # read in file order
                 if quantizing and name in layers:  # read as stored (on the CPU), quantized, then placed
-                    w = read_tensor(f, file, start, header[key], None, "cpu", scratch)
+                    w = read_tensor(f, file, start, header[key], None, "cpu", scratch, into)
                     prefix = name[:-len("weight")]
                     state.update({prefix + k: v.to(device) for k, v in layers[name].from_float(w).items()})
-                    del w
                 else:
                     own = meta[name].dtype if name in keep_dtype else dtype
                     state[name] = read_tensor(f, file, start, header[key], own, device, scratch)
