@@ -22,7 +22,6 @@ import llama
 import quantize as Q
 
 FP32_TOL = 1e-5
-import os; PRINT = os.environ.get('QPRINT')
 BF16_U = 2.0**-8  # bf16's unit roundoff: a rounding to bf16 errs by at most 2^-8 relative
 BF16_TOL = 4 * BF16_U
 
@@ -98,11 +97,16 @@ def paths(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu",
                         spy("int4_kernel", torch.ops.aten._weight_int4pack_mm_for_cpu))
     monkeypatch.setattr(Q, "in_pieces", spy("in_pieces", Q.in_pieces))
-    for cls in (Q.Int8Linear, Q.Int4Linear):  # dequantize() without a row range: the whole weight at once
-        original = cls.dequantize
-        monkeypatch.setattr(cls, "dequantize", lambda self, rows=slice(None), _o=original:
-                            (taken.__setitem__("whole", taken["whole"] + (rows == slice(None))), _o(self, rows))[1])
+    for cls in (Q.Int8Linear, Q.Int4Linear):
+        monkeypatch.setattr(cls, "dequantize", counting_whole(cls.dequantize, taken))
     return taken
+
+
+def counting_whole(dequantize, taken):
+    def wrapper(self, rows=slice(None)):
+        taken["whole"] += rows == slice(None)  # the whole weight at once (in_pieces asks for row slices)
+        return dequantize(self, rows)
+    return wrapper
 
 
 def only(taken, key):
@@ -178,9 +182,9 @@ def test_cpu_int4_block_matches_the_instruction_set():
 @pytest.mark.parametrize("shape", [(4096, 256), (11008, 128), (64, 4096), (96, 64)])
 def test_pack_for_cpu_equals_torchs_packing(shape):
     block = Q.cpu_int4_block()
-    assert block is not None, f"no known int4 layout on this CPU ({torch.backends.cpu.get_cpu_capability()})"
-    if shape[0] % block:
-        pytest.fail(f"shape {shape} is not a multiple of the block {block}: pick another")
+    if block is None:  # only allowed off AVX2 / AVX-512 (test_cpu_int4_block_matches_the_instruction_set)
+        pytest.skip(f"torch's int4 CPU layout on {torch.backends.cpu.get_cpu_capability()} is not one we know")
+    assert shape[0] % block == 0, "a test shape must be whole blocks"
     q = torch.randint(0, 16, shape, generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     packed = Q.pack_for_cpu(q.to(torch.uint8), block)
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
@@ -199,7 +203,6 @@ def check_forward(m, x, tol, taken=None):
     y = m(x)
     assert y.shape == (*x.shape[:-1], m.out_features) and y.dtype == x.dtype
     err = relative_error(y, x, w, m.bias)
-    if PRINT: print(f"ERR {err:.3e} tol {tol:.1e}")
     assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
     return err
 
@@ -304,6 +307,9 @@ def test_float_in_pieces_with_bf16_weights_equals_float32_linear():
 
 
 # ---------------------------------------------------------------------------- CUDA
+# Not measured (no GPU where this was written): twice the CPU bound, as the GPU's int8 path rounds up to four
+# times in bf16 (the product, the scale, the multiplication by it, the bias).
+CUDA_BF16_TOL = 2 * BF16_TOL
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 cuda_int4 = pytest.mark.skipif(not (torch.cuda.is_available() and Q.cuda_int4(torch.device("cuda"))),
                                reason="needs CUDA with compute capability 8.0+ (tinygemm)")
@@ -318,7 +324,7 @@ def test_int4_on_cuda(rows):
     assert m.layout == "cuda"
     x = activations(rows, 256, torch.bfloat16).cuda()
     with torch.inference_mode():
-        check_forward(m, x, BF16_TOL)
+        check_forward(m, x, CUDA_BF16_TOL)
     assert torch.equal(m.dequantize().cpu(), cpu.dequantize())
     back, expected = m.portable(), cpu.portable()  # tinygemm's tiles read back exactly
     assert back.keys() == expected.keys() and all(torch.equal(back[k].cpu(), v) for k, v in expected.items())
@@ -332,7 +338,7 @@ def test_int8_on_cuda(dtype, rows):
     m.pack()
     assert m.scales_bf16 is None  # the CPU kernel's scales are not made on the GPU
     with torch.inference_mode():
-        tol = 1e-3 if dtype == torch.float32 else BF16_TOL  # float32 on a GPU: TF32 (10 bits) may be on
+        tol = 1e-3 if dtype == torch.float32 else CUDA_BF16_TOL  # float32: 1e-3 in case TF32 (10 bits) is on
         check_forward(m, activations(rows, 256, dtype).cuda(), tol)
 
 
@@ -348,13 +354,13 @@ def test_quantized_layers_under_torch_compile_on_cuda(layer):
     with torch.inference_mode():
         for rows in (1, 40):
             x = activations(rows, 256, torch.bfloat16).cuda()
-            check_forward(compiled, x, BF16_TOL)
-            assert relative_error(compiled(x), x, m.dequantize(), m.bias) <= BF16_TOL
+            check_forward(compiled, x, CUDA_BF16_TOL)
 
 
 # ---------------------------------------------------------------------------- errors
 def test_errors():
-    with pytest.raises(ValueError, match=r"unknown quantize value 'int3': use None \(no quantization\), 'int8' or 'int4'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown quantize value 'int3': use None \(no quantization\), 'int8' or 'int4'"):
         Q.check_mode("int3")
     with pytest.raises(ValueError, match="int4 group size 64 does not divide a layer width of 96: use group size 32"):
         Q.Int4Linear(96, 64, group_size=64)
