@@ -237,11 +237,13 @@ def test_int8_cpu_in_pieces(paths, dtype, rows, n, k):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 40])
 def test_int8_fallback_when_the_kernel_would_be_wrong(paths, dtype, rows):
-    m = int8_layer(64, 40, bias=True, dtype=dtype)  # 40 inputs: not a multiple of 16
+    # 100 inputs, not a multiple of 16: there aten._weight_int8pack_mm (torch 2.13, AVX2) gives wrong numbers or
+    # segfaults for more than one row, so pack() must leave scales_bf16 None (checked before any forward)
+    m = int8_layer(64, 100, bias=True, dtype=dtype)
     m.pack()
     assert m.scales_bf16 is None
     with torch.inference_mode():
-        check_forward(m, activations(rows, 40, dtype), FP32_TOL if dtype == torch.float32 else BF16_TOL, paths)
+        check_forward(m, activations(rows, 100, dtype), FP32_TOL if dtype == torch.float32 else BF16_TOL, paths)
     assert only(paths, "whole")
 
 
