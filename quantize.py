@@ -137,7 +137,7 @@ def rows_in_chunks(w: torch.Tensor, fn, step_elements: int = 2**20):
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> int8 q (N, K) and float32 scales (N,), symmetric per output channel."""
     def part(w):  # in place on one float32 copy of the piece: the only temporary
-        w = w.float()
+        w = w.to(torch.float32, copy=True)
         lo, hi = torch.aminmax(w, dim=1)
         scales = (torch.maximum(-lo, hi) / 127.5).clamp(min=torch.finfo(torch.float32).smallest_normal)  # (n,)
         return w.mul_((1.0 / scales)[:, None]).round_().clamp_(-128, 127).to(torch.int8), scales
@@ -202,7 +202,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor,
 
     def part(w):
         n, k = w.shape
-        g = w.float().view(n, k // group_size, group_size)  # one float32 copy, then in place
+        g = w.to(torch.float32, copy=True).view(n, k // group_size, group_size)  # one copy, then in place
         lo, hi = torch.aminmax(g, dim=-1)  # (n, K/g)
         scales = ((hi - lo) / 15).clamp(min=1e-6)
         zeros = (lo + scales * 8).to(torch.bfloat16)  # torchao's order: the zero from the unrounded scale
@@ -280,7 +280,8 @@ class Int4Linear(nn.Module):
         device, N = self.weight.device, self.out_features
         block = cpu_int4_block() if device.type == "cpu" else None
         if block and N % block == 0:
-            self.weight, self.layout = pack_for_cpu(unpack_nibbles(self.weight), block), "cpu"
+            # into the same bytes: a new tensor per layer, freed and reallocated, grows the heap at each layer
+            self.weight, self.layout = self.weight.copy_(pack_for_cpu(unpack_nibbles(self.weight), block)), "cpu"
         elif cuda_int4(device) and N % 8 == 0 and self.in_features % 128 == 0:
             self.weight, self.layout = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), 8), "cuda"
         else:

@@ -207,11 +207,11 @@ def test_peak_memory_of_quantizing_while_loading(tmp_path):
         assert out.returncode == 0, out.stderr
         m = json.loads(out.stdout)
         assert m["weight_bytes"] < fp16 * (0.65 if mode == "int8" else 0.5)  # embedding bf16, lm_head int8
-        # The issue's bound: 1.1 x the quantized model + 0.5 GB. Measured (torch 2.13, 2 CPUs): int8, 179 MB of
-        # weights, growth 297 MB; int4 MEASURED_INT4. Above the weights: the largest float16 tensor read whole
-        # (lm_head, 66 MB), the 16 MiB read buffer and the quantizer's float32 pieces; the float model never exists.
+        # The issue's bound: 1.1 x the quantized model + 0.5 GB. Measured (torch 2.13, 2 CPUs, 4 runs): int8, 179 MB
+        # of weights, growth 274-299 MB; int4, 142 MB, growth 259-284 MB. Above the weights: the largest float16
+        # tensor, read whole into one buffer (lm_head, 66 MB), the 16 MiB read buffer, the quantizer's float32
+        # pieces and what the heap keeps of them; the float model never exists.
         bound = 1.1 * m["weight_bytes"] + 0.5e9
         assert m["growth"] <= bound, f"{mode}: grew {m['growth'] / MB:.0f} MiB, bound {bound / MB:.0f} MiB"
         # And tighter than the issue asks, so that a float16 copy of the whole model (290 MB) would fail here.
-        assert m["growth"] <= m["weight_bytes"] + 150 * MB, f"{mode}: {m}"
-        print(mode, m)
+        assert m["growth"] <= m["weight_bytes"] + 200 * MB, f"{mode}: {m}"
