@@ -52,6 +52,11 @@ def cpu_threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(torch.get_num_threads())
 
 
+@functools.cache
+def avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def rows_of(x) -> int:
     return x.numel() // x.shape[-1]
 
@@ -66,8 +71,9 @@ class Linear(nn.Linear):
 
     - float32, one row (decode at batch 1): MKL multiplies a single row on one core, reading ~22 GB/s of
       weights; the weight's rows split between the CPU's threads read 25-33 GB/s, near the machine's bound;
-    - float32, 2-16 rows, and wide layers: (W @ x^T)^T, where MKL is faster: 2-4x for 2-16 rows, a few
-      percent for the 616 rows of a prefill through the text layers;
+    - float32, 2-16 rows, and wide layers: (W @ x^T)^T, where MKL is faster: 2-4x for 2-16 rows, and a few
+      percent for the 616 rows of a prefill through the text layers on the AVX-512 Xeon only - on the AVX2
+      EPYC it is 9% slower there (4096 x 4096: 203 against 186 ms), so wide layers take F.linear on AVX2;
     - bf16/fp16 with many rows (prefill, the vision tower) on a CPU without fast kernels for them (see
       cpu_computes) run in float32: 616 rows x (4096 -> 11008) take 5.4 s in bf16 on AVX2, 0.4 s in fp32.
       Decode's few rows stay in bf16: half the bytes to read, and converting the weight would cost more.
@@ -79,7 +85,7 @@ class Linear(nn.Linear):
         if x.dtype == torch.float32:
             if rows == 1 and torch.get_num_threads() > 1:
                 return split_between_threads(lambda w: F.linear(x, w), self.weight, self.bias)
-            if 1 < rows <= FEW_ROWS or min(self.weight.shape) >= 4096:
+            if 1 < rows <= FEW_ROWS or (min(self.weight.shape) >= 4096 and avx512()):
                 return self.transposed(x, rows)
         elif rows > FEW_ROWS and not cpu_computes(x.dtype):
             return in_pieces(x, self.out_features, lambda rows: self.weight[rows], self.bias)
