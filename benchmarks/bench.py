@@ -227,8 +227,9 @@ def model_worker(side: str, folder: Path, dtype_name: str, device: str, group_si
         out["prefill_s"] = generate_time(image_ids, px, 1)
         for batch in (1, 4):
             generate_time(text[:batch], None, N_NEW + 1)  # warm-up at this batch size (and compile, if any)
-            first = generate_time(text[:batch], None, 1)
-            full = min(generate_time(text[:batch], None, N_NEW + 1) for _ in range(2))  # the better of two
+            # the better of two each: one slowed by another process could make the difference negative
+            first = min(generate_time(text[:batch], None, 1) for _ in range(2))
+            full = min(generate_time(text[:batch], None, N_NEW + 1) for _ in range(2))
             out[f"decode_tok_s_b{batch}"] = batch * N_NEW / (full - first)
     out["peak_rss_gb"] = peak_rss_bytes() / 1e9
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else 0.0
