@@ -3,6 +3,7 @@
     python benchmarks/bench.py --preset 7b-shaped --dtype float32 bfloat16 [--repeats 3] [--json]
     python benchmarks/bench.py --device cuda --text-layers 32 --dtype bfloat16 --repeats 1 --compile
     python benchmarks/bench.py --chat --preset 7b-shaped   # a ChatSession's turn 2 vs turn 1 (ours only)
+    python benchmarks/bench.py --dtype bfloat16 --quantize int8 int4   # and ours with int8 / int4 weights
 
 Each side runs in its own fresh subprocess (so load time and peak memory are its own), the sides
 alternate for --repeats rounds, and the table shows medians. Measured per side: load time
@@ -34,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TEXT, N_NEW, WARMUP_NEW = 40, 32, 4  # prompt text tokens; decode tokens timed after the first; warm-up tokens
+QUANT_RATIOS = {"decode_b1": "decode_tok_s_b1", "decode_b4": "decode_tok_s_b4", "prefill": "prefill_s",
+                "vision": "vision_s", "load": "load_s", "peak_rss": "peak_rss_gb"}  # quantized / ours bfloat16
 METRICS = ["load_s", "import_s", "peak_rss_gb", "peak_gpu_gb", "vision_s", "prefill_s", "decode_tok_s_b1", "decode_tok_s_b4"]
 
 
@@ -72,6 +75,45 @@ def decode_bytes(config: dict, itemsize: int) -> int:
     return (t["num_hidden_layers"] * layer + h + t["vocab_size"] * h + h) * itemsize
 
 
+def model_decode_bytes(model) -> int:
+    """Bytes one decode step of this loaded model reads, from its tensors: the decoder layers, the final
+    norm and lm_head (quantized ones in the form their kernel reads: Int8Linear's int8 weight and the bf16
+    scales of the CPU kernel; Int4Linear's packed weight and scales_and_zeros, or portable scales and zeros),
+    and one row of the embedding. Non-persistent buffers (the KV cache, rotary tables) are left out."""
+    import quantize
+
+    lm = model.language_model
+    total = 0
+    for prefix, module in [("layers", lm.model.layers), ("norm", lm.model.norm), ("lm_head", lm.lm_head)]:
+        for name, m in [(prefix, module), *((f"{prefix}.{n}", sub) for n, sub in module.named_modules() if n)]:
+            tensors = dict(m.named_parameters(recurse=False)) | {k: v for k, v in m.named_buffers(recurse=False)
+                                                                 if k not in m._non_persistent_buffers_set}
+            if isinstance(m, quantize.Int8Linear) and m.scales_bf16 is not None:
+                tensors["scales"] = m.scales_bf16  # what the CPU kernel reads
+            total += sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
+    embed = lm.model.embed_tokens.weight
+    return total + embed.shape[1] * embed.element_size()
+
+
+def cpu_flags() -> str:
+    """torch's CPU capability and the AVX-512/AVX2/AMX flags of /proc/cpuinfo, for the table's footer."""
+    import torch
+
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "f16c"))
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "?") if Path("/proc/cpuinfo").is_file() else "?"
+    return (f"CPU: {model}, {torch.get_num_threads()} threads; torch {torch.__version__} CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; flags: {' '.join(wanted) or 'none of avx2/avx512/amx'}")
+
+
 def read_bandwidth(n_bytes: int, device: str = "cpu") -> float:
     """Memory read bandwidth in GB/s: the best of a few sums over a buffer much larger than the caches."""
     import torch
@@ -107,7 +149,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def model_worker(side: str, folder: Path, dtype_name: str, device: str) -> dict:
+def model_worker(side: str, folder: Path, dtype_name: str, device: str, group_size: int = 128) -> dict:
     t_import = time.perf_counter()
     import torch
 
@@ -123,7 +165,9 @@ def model_worker(side: str, folder: Path, dtype_name: str, device: str) -> dict:
 
         imported = time.perf_counter() - t_import
         t0 = time.perf_counter()
-        model = VipLlava.from_pretrained(folder, dtype=dtype, device=device, verbose=False)
+        mode = side.removeprefix("ours_") if side in ("ours_int8", "ours_int4") else None
+        model = VipLlava.from_pretrained(folder, dtype=dtype, device=device, verbose=False, quantize=mode,
+                                         group_size=group_size)
         synchronize(device)
         load = time.perf_counter() - t0
         if side == "ours_compiled":
@@ -183,12 +227,19 @@ def model_worker(side: str, folder: Path, dtype_name: str, device: str) -> dict:
         out["prefill_s"] = generate_time(image_ids, px, 1)
         for batch in (1, 4):
             generate_time(text[:batch], None, N_NEW + 1)  # warm-up at this batch size (and compile, if any)
-            first = generate_time(text[:batch], None, 1)
-            full = min(generate_time(text[:batch], None, N_NEW + 1) for _ in range(2))  # the better of two
+            # the better of two each: one slowed by another process could make the difference negative
+            first = min(generate_time(text[:batch], None, 1) for _ in range(2))
+            full = min(generate_time(text[:batch], None, N_NEW + 1) for _ in range(2))
             out[f"decode_tok_s_b{batch}"] = batch * N_NEW / (full - first)
     out["peak_rss_gb"] = peak_rss_bytes() / 1e9
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else 0.0
-    out["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    if side.startswith("ours"):
+        import quantize
+
+        out["weights_gb"] = quantize.weight_bytes(model) / 1e9  # quantized buffers too
+        out["decode_bytes_per_step"] = model_decode_bytes(model)
+    else:
+        out["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     return out
 
 
@@ -280,29 +331,35 @@ def chat_table(r: dict, title: str) -> str:
 
 # ---------------------------------------------------------------------------- the parent
 def bench(preset: str, dtype: str, repeats: int, text_layers: int, cache_dir: Path, with_reference: bool,
-          device: str = "cpu", compiled: bool = False) -> dict:
+          device: str = "cpu", compiled: bool = False, quantized: tuple = (), group_size: int = 128) -> dict:
     folder = checkpoint(preset, text_layers, cache_dir, device)
     config = json.loads((folder / "config.json").read_text())
     bw_bytes = 2**28 if preset == "tiny" else 2**30 if device == "cpu" else 2**32
     bandwidth = [read_bandwidth(bw_bytes, device)]  # before and after the runs
-    sides = ["ours"] + ["reference"] * with_reference + ["ours_compiled"] * compiled
+    quant_sides = [f"ours_{mode}" for mode in quantized]
+    sides = ["ours"] + ["reference"] * with_reference + ["ours_compiled"] * compiled + quant_sides
     runs = {side: [] for side in sides}
     for r in range(repeats):
         for side in sides if r % 2 == 0 else sides[::-1]:  # alternate who goes first: drift hits both
             print(f"round {r + 1}/{repeats}: {side} ({dtype})", file=sys.stderr, flush=True)
-            runs[side].append(spawn("--worker", side, "--folder", folder, "--dtype", dtype, "--device", device))
+            runs[side].append(spawn("--worker", side, "--folder", folder, "--dtype", dtype, "--device", device,
+                                    "--group-size", group_size))
             print(f"{side}: {json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
     bandwidth.append(read_bandwidth(bw_bytes, device))
 
     step_bytes = decode_bytes(config, 4 if dtype == "float32" else 2)
     bw = max(bandwidth)  # other processes on the machine can only make a measurement slower
     result = {"preset": preset, "dtype": dtype, "device": device, "text_layers": config["text_config"]["num_hidden_layers"]}
-    for side in ("ours", "ours_compiled", "reference"):
+    for side in ("ours", "ours_compiled", "reference", *quant_sides):
         if side not in runs:
             result[side] = None
             continue
         med = {k: statistics.median(run[k] for run in runs[side]) for k in METRICS + ["weights_gb"]}
-        med["decode_bound_fraction"] = med["decode_tok_s_b1"] * step_bytes / (bw * 1e9)
+        # float sides: the formula's bytes (as before); quantized ones: what the loaded model's step reads
+        side_bytes = runs[side][0]["decode_bytes_per_step"] if side in quant_sides else step_bytes
+        med["decode_bytes_per_step"] = side_bytes
+        med["decode_bound_tok_s"] = bw * 1e9 / side_bytes
+        med["decode_bound_fraction"] = med["decode_tok_s_b1"] * side_bytes / (bw * 1e9)
         med["runs"] = runs[side]
         result[side] = med
     result["ratios"] = ratios(result["ours"], result["reference"])
@@ -310,6 +367,13 @@ def bench(preset: str, dtype: str, repeats: int, text_layers: int, cache_dir: Pa
         result["ratios_compiled"] = ratios(result["ours_compiled"], result["reference"])
     else:
         del result["ours_compiled"]
+    for side in quant_sides:  # quantized / ours in bfloat16: times (load, vision, prefill), GB, tokens/s
+        result[f"ratios_{side.removeprefix('ours_')}"] = {
+            name: result[side][key] / result["ours"][key] for name, key in QUANT_RATIOS.items()}
+    if quant_sides:
+        result["quantize"], result["group_size"] = list(quantized), group_size
+        result["ours_decode_bytes_per_step_measured"] = runs["ours"][0].get("decode_bytes_per_step")
+    result["cpu"] = cpu_flags() if device == "cpu" else None
     result["decode_bound_fraction"] = result["ours"]["decode_bound_fraction"]
     result["bandwidth_gb_s"] = bw
     result["decode_bytes_per_step"] = step_bytes
@@ -327,7 +391,9 @@ def ratios(ours: dict, ref: dict | None) -> dict:
 
 def table(r: dict) -> str:
     """The result as a markdown table."""
-    sides = [("ours", "ours")] + [("ours, compiled", "ours_compiled")] * ("ours_compiled" in r) + [("transformers", "reference")]
+    quant = [("ours, " + (f"int4 g{r['group_size']}" if m == "int4" else m), f"ours_{m}", m) for m in r.get("quantize", [])]
+    sides = [("ours", "ours")] + [("ours, compiled", "ours_compiled")] * ("ours_compiled" in r) + \
+        [(name, side) for name, side, _ in quant] + [("transformers", "reference")]
     rows = [("load (s)", "load_s", "{:.2f}"), ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
             ("vision + projector, 1 image (s)", "vision_s", "{:.3f}"), ("prefill, image + 40 tokens (s)", "prefill_s", "{:.3f}"),
             ("decode batch 1 (tokens/s)", "decode_tok_s_b1", "{:.1f}"), ("decode batch 4 (tokens/s)", "decode_tok_s_b4", "{:.1f}"),
@@ -335,15 +401,27 @@ def table(r: dict) -> str:
     if r["device"] != "cpu":
         rows.insert(2, ("peak GPU memory (GB)", "peak_gpu_gb", "{:.2f}"))
     title = f"{r['preset']} ({r['text_layers']} text layers), {r['dtype']}, {r['device']}"
-    lines = [f"| {title} | " + " | ".join(name for name, _ in sides) + " | ours / transformers |",
-             "|---|" + "---:|" * (len(sides) + 1)]
+    lines = [f"| {title} | " + " | ".join(name for name, _ in sides) + " | ours / transformers |"
+             + "".join(f" {m} / ours |" for _, _, m in quant),
+             "|---|" + "---:|" * (len(sides) + 1 + len(quant))]
+    by_key = {v: k for k, v in QUANT_RATIOS.items()}
     for label, key, fmt in rows:
         values = [r[side][key] if r[side] else None for _, side in sides]
         a, b = values[0], values[-1]
         ratio = "" if b is None or key == "decode_bound_fraction" else f"{a / b:.2f}x"
-        lines.append(f"| {label} | " + " | ".join("" if v is None else fmt.format(v) for v in values) + f" | {ratio} |")
+        qratios = "".join(f" {r[f'ratios_{m}'][by_key[key]]:.2f}x |" if key in by_key else " |" for _, _, m in quant)
+        lines.append(f"| {label} | " + " | ".join("" if v is None else fmt.format(v) for v in values) + f" | {ratio} |"
+                     + qratios)
     lines.append(f"\nread bandwidth {r['bandwidth_gb_s']:.1f} GB/s; one decode step reads {r['decode_bytes_per_step'] / 1e9:.2f} GB "
                  f"of weights: bound {r['decode_bound_tok_s']:.1f} tokens/s; medians of {r['repeats']} run(s) per side")
+    for name, side, _ in quant:
+        lines.append(f"{name}: one decode step of the loaded model reads {r[side]['decode_bytes_per_step'] / 1e9:.3f} GB "
+                     f"(bound {r[side]['decode_bound_tok_s']:.1f} tokens/s); weights {r[side]['weights_gb']:.2f} GB")
+    if quant and r.get("ours_decode_bytes_per_step_measured"):
+        lines.append(f"ours ({r['dtype']}), the same count on the loaded model: "
+                     f"{r['ours_decode_bytes_per_step_measured'] / 1e9:.3f} GB")
+    if r.get("cpu"):
+        lines.append(r["cpu"])
     return "\n".join(lines)
 
 
@@ -367,13 +445,22 @@ def main(argv=None):
     p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / ".cache")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="also measure ours with compile_decode() (for CUDA)")
+    p.add_argument("--quantize", nargs="+", choices=["int8", "int4"], default=[],
+                   help="also measure ours with quantize=MODE (one side per mode, in the bfloat16 run)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size (default 128; the tiny preset: 32, its text width is 64)")
     p.add_argument("--no-reference", action="store_true", help="measure ours only (ratios are null)")
     p.add_argument("--json", action="store_true", help="print one JSON object per dtype instead of tables")
     p.add_argument("--chat", action="store_true", help="instead: a ChatSession's time to first token, turn 2 vs turn 1 (ours only)")
     p.add_argument("--chat-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--worker", choices=["ours", "ours_compiled", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "ours_compiled", "reference", "ours_int8", "ours_int4"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.group_size is None:
+        args.group_size = 32 if args.preset == "tiny" else 128
+    if args.quantize and "bfloat16" not in args.dtype and not args.worker:
+        p.error("--quantize adds sides to the bfloat16 run: pass --dtype bfloat16 (with others if you like)")
 
     if args.chat_worker:
         print(json.dumps(chat_worker(args.folder, args.dtype[0], args.device, args.repeats)))
@@ -388,13 +475,14 @@ def main(argv=None):
             print(json.dumps(r | {"preset": args.preset, "dtype": dtype}) if args.json else chat_table(r, title) + "\n", flush=True)
         return
     if args.worker:
-        print(json.dumps(model_worker(args.worker, args.folder, args.dtype[0], args.device)))
+        print(json.dumps(model_worker(args.worker, args.folder, args.dtype[0], args.device, args.group_size)))
         return
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for dtype in args.dtype:
         results.append(bench(args.preset, dtype, args.repeats, args.text_layers, args.cache_dir, not args.no_reference,
-                             args.device, args.compile))
+                             args.device, args.compile, tuple(args.quantize) if dtype == "bfloat16" else (),
+                             args.group_size))
         print(json.dumps(results[-1]) if args.json else table(results[-1]) + "\n", flush=True)
     if not args.json and across_dtypes(results):
         print(across_dtypes(results))

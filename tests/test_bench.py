@@ -22,3 +22,41 @@ def test_tiny_preset_prints_one_json_object_with_both_sides_and_the_ratios(tmp_p
     assert all(r > 0 for r in result["ratios"].values())
     assert 0 < result["decode_bound_fraction"]
     assert (tmp_path / "tiny" / "config.json").is_file()  # the checkpoint is cached for the next run
+
+
+def test_tiny_preset_with_quantized_sides_prints_their_metrics_bounds_and_ratios(tmp_path):
+    # The tiny text width is 64: the tiny preset's int4 group size is 32 (bench's default there).
+    proc = subprocess.run([sys.executable, str(BENCH), "--preset", "tiny", "--json", "--repeats", "1", "--dtype", "bfloat16",
+                           "--quantize", "int8", "int4", "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert {"preset", "dtype", "ours", "reference", "ratios", "decode_bound_fraction"} <= result.keys()  # as before
+    assert (result["dtype"], result["quantize"], result["group_size"]) == ("bfloat16", ["int8", "int4"], 32)
+    for mode in ("int8", "int4"):
+        side = result[f"ours_{mode}"]
+        assert SIDE_KEYS | {"decode_bound_fraction", "decode_bytes_per_step", "weights_gb"} <= side.keys()
+        assert all(side[k] > 0 for k in SIDE_KEYS | {"decode_bound_fraction", "decode_bytes_per_step"}), side
+        # fewer bytes per decode step than bfloat16's: int8 / int4 weights (+ scales, zeros) instead of bf16 ones
+        assert side["decode_bytes_per_step"] < result["decode_bytes_per_step"]
+        ratios = result[f"ratios_{mode}"]
+        assert set(ratios) == {"decode_b1", "decode_b4", "prefill", "vision", "load", "peak_rss"}
+        assert all(r > 0 for r in ratios.values()), ratios
+    assert result["ours_int4"]["decode_bytes_per_step"] < result["ours_int8"]["decode_bytes_per_step"]
+    # the float side's bytes counted on the loaded model agree with the formula the float bound uses
+    assert result["ours_decode_bytes_per_step_measured"] == result["decode_bytes_per_step"]
+
+
+def test_sizes_of_the_real_7b_meet_the_targets():
+    sizes = BENCH.parent / "sizes.py"
+    proc = subprocess.run([sys.executable, str(sizes), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    assert set(r) == {"7B", "13B"}
+    b7 = r["7B"]
+    assert round(b7["decoder_linear_weights"] / 1e9, 2) == 6.48
+    assert b7["int8"] <= 7.6 and b7["int4"] <= 4.6, b7
+    assert b7["float32"] > b7["bfloat16"] > b7["int8"] > b7["int4"]
+    assert abs(b7["float32"] - 2 * b7["bfloat16"]) < 1e-6
+    assert r["13B"]["decoder_linear_weights"] > b7["decoder_linear_weights"]
+    table = subprocess.run([sys.executable, str(sizes)], capture_output=True, text=True, timeout=300).stdout
+    assert "| 7B | 28.32 | 14.16 | 7.56 | 4.52 | 6.48 B |" in table
