@@ -1,19 +1,24 @@
 """How a matrix product is made fast, in one place: the CPU paths of the float `Linear` every model file uses,
 and the weight-only int8 / int4 layers `VipLlava.from_pretrained(quantize=...)` puts in the language model.
 
-Which path runs where (x: the activations, `rows` = x.numel() // in_features; timings in `README.md`):
+Which path runs where (x: the activations, `rows` = x.numel() // in_features). Measured: one 11008 x 4096
+weight on the 2-core AVX2 EPYC, torch 2.13, medians; the benchmark tables are in README.md.
 
-| layer | device | rows | path |
-| --- | --- | --- | --- |
-| Linear, float32 | CPU | 1 | the weight's rows split between threads (MKL runs one row on one core) |
-| Linear, float32 | CPU | 2-16, or a wide layer | (W @ x^T)^T: MKL is 2-4x faster for a few rows |
-| Linear, bf16/fp16 | CPU without fast kernels for them | > 16 | in float32, the weight converted in pieces |
-| Int8Linear | CPU | <= 16 | `aten._weight_int8pack_mm` with bf16 activations (the only vectorized dtype) |
-| Int4Linear | CPU | <= 16 | `aten._weight_int4pack_mm_for_cpu`, bf16 activations, the weight packed for this CPU |
-| Int8/Int4Linear | CPU | > 16 | dequantized in pieces to float32 (or bf16 with fast kernels), then MKL |
-| Int8Linear | CUDA, MPS | any | `F.linear(x, q.to(x.dtype)) * scales`: torch.compile fuses it (the aten int8 CUDA op is naive) |
-| Int4Linear | CUDA sm80+ | any | `aten._weight_int4pack_mm` (tinygemm), bf16 |
-| any quantized | elsewhere | any | dequantize the whole weight, then F.linear: always correct, slowest |
+| layer | device | rows | path | measured |
+| --- | --- | --- | --- | --- |
+| Linear, float32 | CPU | 1 | the weight's rows split between threads (MKL runs one row on one core) | 8.5 ms |
+| Linear, float32 | CPU | 2-16; a wide layer on AVX-512 | (W @ x^T)^T: MKL is 2-4x faster for a few rows | |
+| Linear, bf16/fp16 | CPU without fast kernels for them | > 8 | in float32, the weight converted in pieces | 16 rows: 55 ms, not 99 |
+| Int8Linear | CPU | <= 16 | `aten._weight_int8pack_mm`, bf16 activations (the only vectorized dtype) | 1 row 3.4 ms, 4 rows 5.5 |
+| Int4Linear | CPU | <= 16 | `aten._weight_int4pack_mm_for_cpu`, bf16 activations, packed for this CPU | 1 row 3.7 ms, 4 rows 6.4 |
+| Int8/Int4Linear | CPU | > 16 | dequantized in pieces to float32 (or bf16 with fast kernels), then MKL | as float32 |
+| Int8Linear | CUDA, MPS | any | `F.linear(x, q.to(x.dtype)) * scales`: torch.compile fuses it (aten's int8 CUDA op is naive) | |
+| Int4Linear | CUDA sm80+ | any | `aten._weight_int4pack_mm` (tinygemm), bf16 | |
+| any quantized | elsewhere | any | dequantize the whole weight, then F.linear: always correct, slowest | |
+
+(bf16 `F.linear`, for comparison: 1 row 7.5 ms, 4 rows 27 ms.) Splitting the quantized kernels' rows between
+threads as float32 does gained nothing (they use every thread already); the int4 kernel unpacks nibbles
+slower than memory delivers them on AVX2, so it is not faster than int8 there - only smaller.
 
 The formulas are gpt-fast's and torchao's (the tests check ours against torchao):
 int8: one scale per output channel, s = max|w| / 127.5, q = clamp(round(w / s), -128, 127), w ~ q * s.
@@ -375,6 +380,15 @@ def pack(model: nn.Module):
     for m in quantized_layers(model).values():
         m.pack()
     return model
+
+
+def without_kernel(model: nn.Module) -> list[str]:
+    """The quantized layers that found no fused kernel on their device, so dequantize for every product."""
+    def fused(m):
+        if isinstance(m, Int4Linear):
+            return m.layout != "portable"
+        return m.weight.device.type != "cpu" or m.scales_bf16 is not None
+    return [name for name, m in quantized_layers(model).items() if not fused(m)]
 
 
 def portable_state_dict(model: nn.Module) -> dict:

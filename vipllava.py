@@ -32,7 +32,8 @@ import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from llama import Llama, LlamaConfig
 from processor import IMAGE_TOKEN, SYSTEM_PROMPT, refuse_image_token
-from quantize import Linear, check_group_size, check_mode, portable_state_dict, quantize_language_model
+from quantize import (Linear, check_group_size, check_mode, portable_state_dict, quantize_language_model,
+                      without_kernel)
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
 CACHE_STEP = 256  # a kept KV cache grows by this many positions, so that a compiled decode step is reused
@@ -358,6 +359,11 @@ class VipLlava(nn.Module):
         dtype = weights.resolve_dtype(dtype, device, weights.checkpoint_dtype(raw, folder))
         weights.load_weights(model, folder, dtype, device, check=config.check_projector_shape, verbose=verbose,
                              quantizing=bool(mode) and not saved)
+        slow = without_kernel(model)
+        if slow and verbose:
+            weights.log(f"note: {len(slow)} quantized layer(s) have no fused kernel on {device} with this torch "
+                        f"(e.g. {slow[0]}): they dequantize their weights for every product, which gives the same "
+                        f"answers, more slowly")
         model.source, model.raw_config = folder, raw
         model.quantization = {"weights": mode, "group_size": group_size} if mode else None
         return model.eval().requires_grad_(False)

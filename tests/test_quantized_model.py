@@ -150,6 +150,17 @@ def test_errors(checkpoint, tmp_path):
         VipLlava.from_pretrained(saved, verbose=False)
 
 
+def test_without_a_kernel_int4_dequantizes_and_says_so(checkpoint, monkeypatch, capsys):
+    fused = VipLlava.from_pretrained(checkpoint, quantize="int4", verbose=False)
+    assert quantize.without_kernel(fused) == []
+    monkeypatch.setattr(quantize, "cpu_int4_block", lambda: None)  # as on a CPU whose layout we do not know
+    model = VipLlava.from_pretrained(checkpoint, quantize="int4")
+    assert len(quantize.without_kernel(model)) == 2 * 7  # lm_head is int8
+    assert "note: 14 quantized layer(s) have no fused kernel on cpu" in capsys.readouterr().err
+    ids = prompt(8)  # few rows: the fused model takes its kernel, this one dequantizes
+    assert relative(model(ids).logits, fused(ids).logits) <= 0.02
+
+
 def test_dtype_auto_on_a_cpu_follows_the_available_memory(checkpoint, monkeypatch, capsys):
     model = VipLlava.from_pretrained(checkpoint, dtype="float32", verbose=False)
     fp32 = quantize.weight_bytes(model)
