@@ -33,7 +33,7 @@ from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from llama import Llama, LlamaConfig
 from processor import IMAGE_TOKEN, SYSTEM_PROMPT, refuse_image_token
 from quantize import (Linear, check_group_size, check_mode, portable_state_dict, quantize_language_model,
-                      without_kernel)
+                      weight_bytes, without_kernel)
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
 CACHE_STEP = 256  # a kept KV cache grows by this many positions, so that a compiled decode step is reused
@@ -356,6 +356,8 @@ class VipLlava(nn.Module):
         model = build(mode)
         if dtype in (None, "auto") and (mode or device.type == "cpu"):  # bf16: what the int8/int4 kernels take
             dtype = torch.bfloat16 if mode else weights.auto_cpu_dtype(model, build, verbose)
+            if mode and verbose:
+                weights.log(f"dtype auto: bfloat16 beside the {mode} weights ({weights.size(weight_bytes(model, torch.bfloat16))})")
         dtype = weights.resolve_dtype(dtype, device, weights.checkpoint_dtype(raw, folder))
         weights.load_weights(model, folder, dtype, device, check=config.check_projector_shape, verbose=verbose,
                              quantizing=bool(mode) and not saved)

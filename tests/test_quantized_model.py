@@ -81,9 +81,10 @@ def test_every_path_computes_the_dequantized_model(checkpoint, float32, mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_generate_runs_and_matches_the_dequantized_model_on_the_first_tokens(checkpoint, float32, mode):
-    model = VipLlava.from_pretrained(checkpoint, quantize=mode, verbose=False)
+def test_generate_runs_and_matches_the_dequantized_model_on_the_first_tokens(checkpoint, float32, mode, capsys):
+    model = VipLlava.from_pretrained(checkpoint, quantize=mode)
     assert model.dtype == torch.bfloat16  # the default with quantize: what the kernels take
+    assert f"dtype auto: bfloat16 beside the {mode} weights" in capsys.readouterr().err
     ids = prompt(30)
     out = model.generate(ids, max_new_tokens=12)
     assert out.shape == (1, 12) and out.dtype == torch.long
