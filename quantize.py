@@ -29,6 +29,7 @@ the device when loaded: the CPU int4 kernel's layout depends on the CPU's instru
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
@@ -332,6 +333,14 @@ class Int4Linear(nn.Module):
         s, z = (t.to(torch.bfloat16) for t in self.scale_zero())
         return {"weight": q[:, 0::2] << 4 | q[:, 1::2], "scales": s.contiguous(), "zeros": z.contiguous()}
 
+    def unpack(self):
+        """Back to the portable layout (for saving), in the weight's own bytes where the shapes allow."""
+        if self.layout == "portable":
+            return
+        p = self.portable()
+        self.weight = self.weight.copy_(p["weight"]) if self.weight.shape == p["weight"].shape else p["weight"]
+        self.scales, self.zeros, self.scales_and_zeros, self.layout = p["scales"], p["zeros"], None, "portable"
+
     def forward(self, x):  # (..., K) -> (..., N)
         if self.layout == "cuda" or (self.layout == "cpu" and fast_path(x) and rows_of(x) <= FEW_ROWS):
             kernel = torch.ops.aten._weight_int4pack_mm if self.layout == "cuda" else \
@@ -391,14 +400,18 @@ def without_kernel(model: nn.Module) -> list[str]:
     return [name for name, m in quantized_layers(model).items() if not fused(m)]
 
 
-def portable_state_dict(model: nn.Module) -> dict:
-    """The state dict as saved: quantized layers in their portable form, whatever device layout they hold."""
-    state = model.state_dict()
-    for name, m in quantized_layers(model).items():
-        for key in [k for k in state if k.startswith(name + ".") and k != name + ".bias"]:
-            del state[key]
-        state.update({f"{name}.{k}": v for k, v in m.portable().items()})
-    return state
+@contextlib.contextmanager
+def portable(model: nn.Module):
+    """model.state_dict() holds the portable form inside this block (as saved); the device layouts come back
+    after it. Layer by layer, in place: saving an int4 model needs no second copy of its weights."""
+    layers = [m for m in quantized_layers(model).values() if isinstance(m, Int4Linear)]
+    try:
+        for m in layers:
+            m.unpack()
+        yield model
+    finally:
+        for m in layers:
+            m.pack()
 
 
 def weight_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -32,7 +32,7 @@ import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from llama import Llama, LlamaConfig
 from processor import IMAGE_TOKEN, SYSTEM_PROMPT, refuse_image_token
-from quantize import (Linear, check_group_size, check_mode, portable_state_dict, quantize_language_model,
+from quantize import (Linear, check_group_size, check_mode, portable, quantize_language_model,
                       weight_bytes, without_kernel)
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
@@ -382,7 +382,8 @@ class VipLlava(nn.Module):
         if folder.exists() and (not folder.is_dir() or any(folder.glob("*.safetensors"))):
             raise FileExistsError(f"{folder} is a file or already holds weights: save into a new or empty folder")
         folder.mkdir(parents=True, exist_ok=True)
-        weights.save_weights(portable_state_dict(self), folder, max_shard_bytes)
+        with portable(self):
+            weights.save_weights(self.state_dict(), folder, max_shard_bytes)
         config = {k: v for k, v in self.raw_config.items() if k not in ("quantization_config", "torch_dtype")}
         config["dtype"] = str(self.dtype).removeprefix("torch.")
         if self.quantization:
