@@ -253,3 +253,15 @@ def test_cli_chat_four_turns_with_a_small_context(small, image):
     assert r.stdout.splitlines() == answers  # the same session, streamed
     assert "oldest question/answer pair(s) after the first" in r.stderr  # the small context was reached
     assert r.stderr.count("tokens prefilled, first token after") == 4 and r.stderr.count("you> ") == 4
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_keeps_the_session_exact(folder, image, mode):
+    # The KV cache takes the embedding's dtype (lm_head may be int8) and every turn's prefill is longer than 16
+    # tokens, so the turns and the fresh generations run the same (dequantized-pieces) path for their prompts.
+    model = VipLlava.from_pretrained(folder, quantize=mode, group_size=32, verbose=False)
+    processor = VipLlavaProcessor.from_pretrained(folder)
+    chat = ChatSession(model, processor, image=image)
+    check_turns(model, processor, chat, system(), image, QUESTIONS[:2])
+    assert chat.last_prefill_tokens > 16
+    assert chat.cache[0].k.dtype == torch.bfloat16
