@@ -104,7 +104,7 @@ class Linear(nn.Linear):
         return y.t().contiguous().view(*x.shape[:-1], -1)
 
 
-def split_between_threads(product, weight, bias=None, parts=None):
+def split_between_threads(product, weight, bias=None):
     """product(piece) for pieces of the weight's rows on the CPU's threads (ops release the GIL), concatenated."""
     grad = torch.is_grad_enabled()  # grad mode (and inference mode) are per thread: carry the caller's over
 
@@ -112,7 +112,7 @@ def split_between_threads(product, weight, bias=None, parts=None):
         with torch.set_grad_enabled(grad):
             return product(w)
 
-    pieces = parts if parts is not None else weight.split(-(-weight.shape[0] // torch.get_num_threads()))
+    pieces = weight.split(-(-weight.shape[0] // torch.get_num_threads()))
     y = torch.cat(list(cpu_threads().map(part, pieces)), dim=-1)
     return y if bias is None else y + bias
 
@@ -342,13 +342,13 @@ class Int4Linear(nn.Module):
         self.scales, self.zeros, self.scales_and_zeros, self.layout = p["scales"], p["zeros"], None, "portable"
 
     def forward(self, x):  # (..., K) -> (..., N)
-        if self.layout == "cuda" or (self.layout == "cpu" and fast_path(x) and rows_of(x) <= FEW_ROWS):
-            kernel = torch.ops.aten._weight_int4pack_mm if self.layout == "cuda" else \
-                torch.ops.aten._weight_int4pack_mm_for_cpu
-            xb = x.reshape(-1, self.in_features).to(torch.bfloat16, copy=True)
-            y = kernel(xb, self.weight, self.group_size, self.scales_and_zeros).to(x.dtype).view(*x.shape[:-1], -1)
-        elif self.layout == "cpu" and fast_path(x):
+        on_cpu_kernel = self.layout == "cpu" and fast_path(x)
+        if on_cpu_kernel and rows_of(x) > FEW_ROWS:
             return in_pieces(x, self.out_features, self.dequantize, self.bias)
+        if on_cpu_kernel or self.layout == "cuda":
+            kernel = torch.ops.aten._weight_int4pack_mm_for_cpu if on_cpu_kernel else torch.ops.aten._weight_int4pack_mm
+            xb = x.reshape(-1, self.in_features).to(torch.bfloat16, copy=True)  # a fresh copy: aligned rows
+            y = kernel(xb, self.weight, self.group_size, self.scales_and_zeros).to(x.dtype).view(*x.shape[:-1], -1)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -414,8 +414,39 @@ def portable(model: nn.Module):
             m.pack()
 
 
+def quantized_buffers(model: nn.Module) -> set[str]:
+    """Names of the quantized layers' tensors (values, scales, zeros): they keep their own dtypes."""
+    return {f"{name}.{k}" for name, m in quantized_layers(model).items() for k, _ in m.named_buffers()}
+
+
 def weight_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Bytes of the model's weights, floating point ones (not the quantization scales) counted in `dtype`."""
-    quantized = {f"{name}.{k}" for name, m in quantized_layers(model).items() for k, _ in m.named_buffers()}
+    quantized = quantized_buffers(model)
     return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() and name not in quantized
                             else t.element_size()) for name, t in model.state_dict().items())
+
+
+QUANT_METHOD = "vipllava-weight-only"  # the quantization_config a quantized save_pretrained writes
+
+
+def quantization_config(weights: str, group_size: int) -> dict:
+    """config.json's `quantization_config` for a model quantized here (see saved_quantization)."""
+    return {"quant_method": QUANT_METHOD, "weights": weights, "group_size": group_size, "lm_head": "int8",
+            "modules": "language_model Linears"}
+
+
+def saved_quantization(raw: dict, folder, quantize, group_size) -> tuple[str, int] | None:
+    """(mode, group size) of a folder save_pretrained wrote from a quantized model; None for a float one."""
+    saved = raw.get("quantization_config")
+    if not saved:
+        return None
+    if saved.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{folder} is quantized with {saved.get('quant_method')!r}, which this loader does not read: "
+                         f"use the float checkpoint, with quantize='int8' or 'int4' to quantize it here")
+    mode, group = saved["weights"], saved.get("group_size", 128)
+    if quantize is not None and (quantize, group_size if quantize == "int4" else group) != (mode, group):
+        kind = mode + (f" (group size {group})" if mode == "int4" else "")
+        raise ValueError(f"{folder} holds a model already quantized to {kind}, but quantize={quantize!r}"
+                         f"{f', group_size={group_size}' if quantize == 'int4' else ''} was asked for: load it with "
+                         f"quantize=None, or quantize the float checkpoint instead")
+    return mode, group

@@ -32,8 +32,8 @@ import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from llama import Llama, LlamaConfig
 from processor import IMAGE_TOKEN, SYSTEM_PROMPT, refuse_image_token
-from quantize import (Linear, check_group_size, check_mode, portable, quantize_language_model,
-                      weight_bytes, without_kernel)
+from quantize import (Linear, check_group_size, check_mode, portable, quantization_config, quantize_language_model,
+                      saved_quantization, weight_bytes)
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
 CACHE_STEP = 256  # a kept KV cache grows by this many positions, so that a compiled decode step is reused
@@ -343,7 +343,7 @@ class VipLlava(nn.Module):
         if raw.get("model_type", "vipllava") != "vipllava":
             raise ValueError(f"{folder} holds a {raw['model_type']!r} model, not a VipLlava one (model_type vipllava)")
         config = VipLlavaConfig.from_dict(raw)
-        saved = saved_quantization(raw, folder, quantize, group_size)
+        saved = saved_quantization(raw, folder, quantize, group_size)  # (mode, group size) of a quantized folder
         mode, group_size = saved or (quantize, group_size)
 
         def build(mode):
@@ -361,11 +361,6 @@ class VipLlava(nn.Module):
         dtype = weights.resolve_dtype(dtype, device, weights.checkpoint_dtype(raw, folder))
         weights.load_weights(model, folder, dtype, device, check=config.check_projector_shape, verbose=verbose,
                              quantizing=bool(mode) and not saved)
-        slow = without_kernel(model)
-        if slow and verbose:
-            weights.log(f"note: {len(slow)} quantized layer(s) have no fused kernel on {device} with this torch "
-                        f"(e.g. {slow[0]}): they dequantize their weights for every product, which gives the same "
-                        f"answers, more slowly")
         model.source, model.raw_config = folder, raw
         model.quantization = {"weights": mode, "group_size": group_size} if mode else None
         return model.eval().requires_grad_(False)
@@ -387,34 +382,13 @@ class VipLlava(nn.Module):
         config = {k: v for k, v in self.raw_config.items() if k not in ("quantization_config", "torch_dtype")}
         config["dtype"] = str(self.dtype).removeprefix("torch.")
         if self.quantization:
-            config["quantization_config"] = {"quant_method": QUANT_METHOD, **self.quantization,
-                                             "lm_head": "int8", "modules": "language_model Linears"}
+            config["quantization_config"] = quantization_config(**self.quantization)
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in sorted(self.source.iterdir()):  # tokenizer, processor, chat template, generation config
             if file.is_file() and file.suffix in (".json", ".jinja", ".model", ".txt") and \
                     file.name not in ("config.json", "model.safetensors.index.json"):
                 shutil.copyfile(file, folder / file.name)
         return folder
-
-
-QUANT_METHOD = "vipllava-weight-only"  # the quantization_config a quantized save_pretrained writes
-
-
-def saved_quantization(raw: dict, folder, quantize, group_size) -> tuple[str, int] | None:
-    """(mode, group size) of a folder save_pretrained wrote from a quantized model; None for a float one."""
-    saved = raw.get("quantization_config")
-    if not saved:
-        return None
-    if saved.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{folder} is quantized with {saved.get('quant_method')!r}, which this loader does not read: "
-                         f"use the float checkpoint, with quantize='int8' or 'int4' to quantize it here")
-    mode, group = saved["weights"], saved.get("group_size", 128)
-    if quantize is not None and (quantize, group_size if quantize == "int4" else group) != (mode, group):
-        kind = mode + (f" (group size {group})" if mode == "int4" else "")
-        raise ValueError(f"{folder} holds a model already quantized to {kind}, but quantize={quantize!r}"
-                         f"{f', group_size={group_size}' if quantize == 'int4' else ''} was asked for: load it with "
-                         f"quantize=None, or quantize the float checkpoint instead")
-    return mode, group
 
 
 def queue_ahead(device: torch.device) -> bool:

@@ -288,12 +288,10 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
     meta = model.state_dict()
     expected = {k: v.shape for k, v in meta.items()}
     layers = {f"{name}.weight": m for name, m in quantize.quantized_layers(model).items()}  # by weight name
-    keep_dtype = {f"{name[:-7]}.{k}" for name in layers for k in ("weight", "scales", "zeros")}
+    own_dtype = quantize.quantized_buffers(model)
     if quantizing:  # the checkpoint holds (out, in) float weights where the model has q, scales (, zeros)
-        for name, m in layers.items():
-            for key in keep_dtype & {f"{name[:-7]}.{k}" for k in ("scales", "zeros")}:
-                expected.pop(key, None)
-            expected[name] = torch.Size((m.out_features, m.in_features))
+        expected = {k: v for k, v in expected.items() if k not in own_dtype}
+        expected.update({name: torch.Size((m.out_features, m.in_features)) for name, m in layers.items()})
     plan, found = {}, {}  # file -> [(key, name)]; name -> checkpoint shape
     for file, (header, _) in headers.items():
         for key, entry in header.items():
@@ -321,12 +319,14 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
 
     check_fits(quantize.weight_bytes(model, dtype), dtype, device)
     state, t0 = {}, time.perf_counter()
-    largest = max((e["data_offsets"][1] - e["data_offsets"][0] for h, _ in headers.values() for e in h.values()),
-                  default=0)
-    scratch = torch.empty(min(largest, CHUNK_BYTES), dtype=torch.uint8)
-    to_quantize = [header[key] for file, pairs in plan.items() for key, name in pairs
-                   if quantizing and name in layers for header in [headers[file][0]]]
-    into = torch.empty(max((e["data_offsets"][1] - e["data_offsets"][0] for e in to_quantize), default=0),
+    def nbytes(file, key):
+        begin, end = headers[file][0][key]["data_offsets"]
+        return end - begin
+
+    scratch = torch.empty(min(max((nbytes(f, k) for f, pairs in plan.items() for k, _ in pairs), default=0),
+                              CHUNK_BYTES), dtype=torch.uint8)
+    into = torch.empty(max((nbytes(f, k) for f, pairs in plan.items() for k, name in pairs
+                            if quantizing and name in layers), default=0),
                        dtype=torch.uint8)  # the largest float weight to quantize, read into one buffer, reused
     for i, (file, pairs) in enumerate(plan.items()):
         if verbose:
@@ -339,12 +339,17 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
                     prefix = name[:-len("weight")]
                     state.update({prefix + k: v.to(device) for k, v in layers[name].from_float(w).items()})
                 else:
-                    own = meta[name].dtype if name in keep_dtype else dtype
+                    own = meta[name].dtype if name in own_dtype else dtype
                     state[name] = read_tensor(f, file, start, header[key], own, device, scratch)
     if verbose:
         log(f"\rloading weights: {len(plan)} shard(s), {len(state)} tensors in {time.perf_counter() - t0:.1f} s")
     model.load_state_dict(state, strict=True, assign=True)
-    return quantize.pack(model)
+    quantize.pack(model)
+    slow = quantize.without_kernel(model)
+    if slow and verbose:
+        log(f"note: {len(slow)} quantized layer(s) have no fused kernel on {device} with this torch (e.g. {slow[0]}): "
+            f"they dequantize their weights for every product, which gives the same answers, more slowly")
+    return model
 
 
 def checkpoint_dtype(config: dict, folder: Path) -> torch.dtype:
