@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import weights
+from generate import ChatSession, check_sampling
 from processor import refuse_image_token
+from vipllava import VipLlava
 from weights import log
-from vipllava import ChatSession, VipLlava, check_sampling
 
 SHAPE_FLAGS = ["box", "ellipse", "triangle", "point", "arrow", "scribble", "mask", "mask-contour"]
 
@@ -155,8 +156,8 @@ def check_writable(path: str, p: Parser):
 
 def annotate(args):
     """Load the image and draw the visual prompts on it, as the training data was drawn."""
-    from processor import (MAX_SIDE, draw_visual_prompt, load_image, outside_crop, parse_color, parse_coords,
-                           reduction)
+    from processor import MAX_SIDE, load_image, reduction
+    from visual_prompts import draw_visual_prompt, outside_crop, parse_color, parse_coords
 
     image = load_image(args.image)
     for flag, text, color in args.marks:

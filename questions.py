@@ -216,7 +216,8 @@ def error_record(q: Question, message: str) -> dict:
 
 def load_marked(q: Question):
     """The question's image with its visual prompts drawn on it."""
-    from processor import draw_visual_prompt, load_image, parse_coords
+    from processor import load_image
+    from visual_prompts import draw_visual_prompt, parse_coords
 
     image = load_image(q.image)
     for v in q.visual_prompts:

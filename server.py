@@ -3,7 +3,7 @@
 - `POST /v1/chat/completions`: OpenAI's chat format (text and `image_url` parts with data: URLs; `stream`,
   `max_tokens`, `temperature`, `top_p`, `seed`, `stop`), plus a vendor extension: a `visual_prompts` list on
   an image part, `[{"shape": "box", "coords": [x1, y1, x2, y2], "color": "red"}]` in the image's pixels,
-  drawn with `processor.draw_visual_prompt` exactly as the command line draws it.
+  drawn with `visual_prompts.draw_visual_prompt` exactly as the command line draws it.
 - `GET /v1/models`, `GET /health` (503 while the model loads), `POST /v1/draw` (an image part in, the marked
   image the model will see out, as a PNG data URL), `GET /` (server_page.html: draw, ask, watch the answer).
 
@@ -31,7 +31,8 @@ from pathlib import Path
 from PIL import Image
 
 import weights
-from processor import SYSTEM_PROMPT, draw_visual_prompt, fetch, load_image
+from processor import SYSTEM_PROMPT, fetch, load_image
+from visual_prompts import draw_visual_prompt
 from weights import log
 
 PAGE = Path(__file__).resolve().parent / "server_page.html"

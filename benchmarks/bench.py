@@ -282,7 +282,8 @@ def chat_worker(folder: Path, dtype_name: str, device: str, repeats: int) -> dic
 
     sys.path.insert(0, str(ROOT))
     from processor import VipLlavaProcessor
-    from vipllava import ChatSession, VipLlava
+    from generate import ChatSession
+    from vipllava import VipLlava
 
     torch.manual_seed(0)
     model = VipLlava.from_pretrained(folder, dtype=getattr(torch, dtype_name), device=device, verbose=False)

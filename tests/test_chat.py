@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import tiny_checkpoint
-import vipllava
+import generate
 from processor import SYSTEM_PROMPT, VipLlavaProcessor, load_image
-from vipllava import ChatSession, VipLlava
+from generate import ChatSession
+from vipllava import VipLlava
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT = ROOT / "tests" / "images" / "chelsea.png"
@@ -97,7 +98,7 @@ def test_gpu_step_order_and_fixed_shape_step_stay_exact(pair, image, order, monk
     # "fixed-shape step": the path compile_decode() compiles, run uncompiled; its cache grows in CACHE_STEP steps.
     model, processor = pair
     if order == "queued":
-        monkeypatch.setattr(vipllava, "queue_ahead", lambda device: True)
+        monkeypatch.setattr(generate, "queue_ahead", lambda device: True)
     else:
         monkeypatch.setattr(model, "compiled_step", model.language_model.decode_step)
     chat = ChatSession(model, processor, image=image)
@@ -105,14 +106,14 @@ def test_gpu_step_order_and_fixed_shape_step_stay_exact(pair, image, order, monk
     cache = chat.cache[0]
     check_turns(model, processor, chat, history, image, QUESTIONS[1:])
     if order != "queued":
-        assert chat.cache[0] is cache and cache.k.shape[2] == vipllava.CACHE_STEP  # the same buffers: one graph
+        assert chat.cache[0] is cache and cache.k.shape[2] == generate.CACHE_STEP  # the same buffers: one graph
     model.language_model.remove_cache()
 
 
 @pytest.mark.parametrize("fixed_shape", [False, True], ids=["eager", "fixed-shape step"])
 def test_the_cache_grows_in_steps_keeping_what_it_holds(pair, image, fixed_shape, monkeypatch):
     model, processor = pair
-    monkeypatch.setattr(vipllava, "CACHE_STEP", 32)  # so that every turn outgrows it
+    monkeypatch.setattr(generate, "CACHE_STEP", 32)  # so that every turn outgrows it
     if fixed_shape:
         monkeypatch.setattr(model, "compiled_step", model.language_model.decode_step)
     chat = ChatSession(model, processor, image=image)

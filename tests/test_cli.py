@@ -51,7 +51,7 @@ def test_streamed_answer_equals_the_library_answer_and_box_is_drawn(checkpoint, 
     assert r.returncode == 0, r.stderr
     assert "loading weights" in r.stderr and "Traceback" not in r.stderr  # progress on stderr
     image = load_image(marked)
-    from processor import draw_visual_prompt
+    from visual_prompts import draw_visual_prompt
     expected = answer(checkpoint, [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
                                    user("What is in the box?")],
                       draw_visual_prompt(load_image(CAT), "box", [100, 50, 300, 250]), 24)

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from conftest import PAD_TOKEN, inputs, reference_model, write_checkpoint, legacy_config
-import vipllava
-from vipllava import VipLlava, sample
+import generate
+from generate import sample
+from vipllava import VipLlava
 
 N_NEW = 40
 
@@ -13,7 +14,7 @@ N_NEW = 40
 def step_order(request, monkeypatch):
     # "queued" is the GPU order (the next step is queued before stops are read back), run here on the CPU.
     if request.param == "queued":
-        monkeypatch.setattr(vipllava, "queue_ahead", lambda device: True)
+        monkeypatch.setattr(generate, "queue_ahead", lambda device: True)
 
 
 @pytest.fixture(scope="module")

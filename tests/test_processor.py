@@ -17,6 +17,7 @@ from PIL import Image
 import processor as P
 import tiny_checkpoint
 from processor import VipLlavaProcessor, load_image, preprocess, render_chat
+from visual_prompts import draw_visual_prompt
 
 IMAGES = Path(__file__).parent / "images"
 PHOTOS = ["chelsea.png", "coffee.png", "horse.png", "camera.png"]  # 451x300 RGB, 600x400 RGB, 400x328 RGBA, 512x512 L
@@ -514,7 +515,7 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, w, h, p
 
 def test_large_image_is_reduced_for_the_model_after_the_marks_are_drawn():
     big = Image.new("RGB", (9000, 600), (30, 90, 30))  # long side over MAX_SIDE = 4096: reduced 3x
-    marked = P.draw_visual_prompt(big, "box", [3000, 150, 6000, 450], width=12)  # coordinates in full-size pixels
+    marked = draw_visual_prompt(big, "box", [3000, 150, 6000, 450], width=12)  # coordinates in full-size pixels
     small = P.downscale(marked)
     assert small.size == (3000, 200)
     red = np.argwhere((np.asarray(small) == [255, 0, 0]).all(-1))  # (y, x) of pure red pixels

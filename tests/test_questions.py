@@ -13,7 +13,8 @@ import pytest
 
 import cli
 import tiny_checkpoint
-from processor import SYSTEM_PROMPT, VipLlavaProcessor, draw_visual_prompt, load_image
+from processor import SYSTEM_PROMPT, VipLlavaProcessor, load_image
+from visual_prompts import draw_visual_prompt
 from vipllava import VipLlava
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,8 @@ from PIL import Image
 
 import server
 import tiny_checkpoint
-from processor import SYSTEM_PROMPT, VipLlavaProcessor, draw_visual_prompt, load_image
+from processor import SYSTEM_PROMPT, VipLlavaProcessor, load_image
+from visual_prompts import draw_visual_prompt
 from vipllava import VipLlava
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from processor import (COLORS, MASK_ALPHA, SHAPES, crop_box, draw_visual_prompt, outside_crop,
-                           parse_color, parse_coords)
+from visual_prompts import (COLORS, MASK_ALPHA, SHAPES, crop_box, draw_visual_prompt, outside_crop, parse_color,
+                            parse_coords)
 
 GREY = (128, 128, 128)
 RED = (255, 0, 0)
