@@ -12,6 +12,9 @@ Quirks worth knowing:
   see `feature_layers` for the rule that loads it as the 5-layer model it is;
 - the model was trained on images padded to a square (`image_mode="pad"` in the processor).
 
+This file is the model. Turning its logits into text (sampling, stop strings, the decode loop behind
+`model.generate`, ChatSession) is generate.py; drawing the visual prompts is visual_prompts.py.
+
 Usage: python vipllava.py --image photo.jpg --prompt "What is inside the red box?" --box 40,60,220,300 (see cli.py)
 """
 from __future__ import annotations
