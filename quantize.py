@@ -25,7 +25,10 @@ int8: one scale per output channel, s = max|w| / 127.5, q = clamp(round(w / s), 
 int4: per group of g inputs, s = (max - min) / 15, z = min + 8 s, q = clamp(round((w - (z - 8 s)) / s), 0, 15),
 w ~ (q - 8) * s + z (tinygemm's convention: the zero point is a float, so no value needs to be representable).
 On disk both are portable (int8 (N, K); int4 two nibbles per byte, (N, K/2), high nibble first) and packed for
-the device when loaded: the CPU int4 kernel's layout depends on the CPU's instruction set.
+the device when loaded: the CPU int4 kernel's layout depends on the CPU's instruction set (blocks of 32 rows with
+AVX2, 64 with AVX-512). A width that is not whole blocks is padded with rows of weight 0, cut from the output:
+on the AVX-512 Xeon, 1056 x 4096 at 1 row takes 0.14 ms padded against 12.5 ms dequantizing the whole weight
+(`python benchmarks/int4_padding.py`), and the same as the 1024-row layer below it.
 """
 from __future__ import annotations
 
@@ -235,7 +238,7 @@ def unpack_nibbles(packed):  # (N, K/2) uint8, high nibble first -> (N, K) value
 
 
 # The CPU kernel's layout, for the N rows in blocks of B (32 with AVX2, 64 with AVX-512): for each column k,
-# B/2 bytes; byte (j, d) holds row 32j + d in its low nibble and row B/2 + 32j + d in its high one.
+# B/2 bytes; byte i holds row i of the block in its low nibble and row B/2 + i in its high one.
 def pack_for_cpu(q, block: int):  # (N, K) uint8 values -> (N, K/2) uint8
     N, K = q.shape
     v = q.view(N // block, 2, block // 32, 16, K)
@@ -292,27 +295,31 @@ class Int4Linear(nn.Module):
         """Repack the portable weight for the device it is on, where a kernel exists (else it stays portable)."""
         device, N = self.weight.device, self.out_features
         block = cpu_int4_block() if device.type == "cpu" else None
-        if block and N % block == 0:
+        pad = -N % (block or 1)  # the CPU layout is whole blocks of rows: pad with rows of weight 0, cut from y
+        if block:
+            q = pack_for_cpu(F.pad(unpack_nibbles(self.weight), (0, 0, 0, pad), value=8), block)
             # into the same bytes: a new tensor per layer, freed and reallocated, grows the heap at each layer
-            self.weight, self.layout = self.weight.copy_(pack_for_cpu(unpack_nibbles(self.weight), block)), "cpu"
+            self.weight, self.layout = (self.weight.copy_(q) if pad == 0 else q), "cpu"
         elif cuda_int4(device) and N % 8 == 0 and self.in_features % 128 == 0:
             self.weight, self.layout = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), 8), "cuda"
         else:
             return
-        self.scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()
+        sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1)  # (K/g, N, 2); scale 0, zero 0 in pads
+        self.scales_and_zeros = F.pad(sz, (0, 0, 0, pad)).contiguous()
         self.scales = self.zeros = None
 
     def scale_zero(self, rows=slice(None)):  # (n, K/g) float32 each
         if self.layout == "portable":
             return self.scales[rows].float(), self.zeros[rows].float()
-        sz = self.scales_and_zeros[:, rows].float()
+        sz = self.scales_and_zeros[:, slice(*rows.indices(self.out_features))].float()  # never the padding rows
         return sz[..., 0].t(), sz[..., 1].t()
 
     def values(self, rows=slice(None)):  # q (n, K) uint8; rows a slice at multiples of 64 in the "cpu" layout
         if self.layout == "portable":
             return unpack_nibbles(self.weight[rows])
-        if self.layout == "cpu":
-            return unpack_for_cpu(self.weight[rows], cpu_int4_block())
+        if self.layout == "cpu":  # unpack whole blocks, then cut off the padding rows of the last one
+            (start, stop, _), block = rows.indices(self.out_features), cpu_int4_block()
+            return unpack_for_cpu(self.weight[start:-(-stop // block) * block], block)[:stop - start]
         # tinygemm's tiles: read q back through the kernel itself, with scale 1 and zero 8 (w = q exactly)
         K, g = self.in_features, self.group_size
         unit = torch.ones(K // g, self.out_features, 2, dtype=torch.bfloat16, device=self.weight.device)
@@ -348,7 +355,8 @@ class Int4Linear(nn.Module):
         if on_cpu_kernel or self.layout == "cuda":
             kernel = torch.ops.aten._weight_int4pack_mm_for_cpu if on_cpu_kernel else torch.ops.aten._weight_int4pack_mm
             xb = x.reshape(-1, self.in_features).to(torch.bfloat16, copy=True)  # a fresh copy: aligned rows
-            y = kernel(xb, self.weight, self.group_size, self.scales_and_zeros).to(x.dtype).view(*x.shape[:-1], -1)
+            y = kernel(xb, self.weight, self.group_size, self.scales_and_zeros)[:, :self.out_features]
+            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -179,16 +179,38 @@ def test_cpu_int4_block_matches_the_instruction_set():
         assert Q.cpu_int4_block() in (None, 32, 64)
 
 
-@pytest.mark.parametrize("shape", [(4096, 256), (11008, 128), (64, 4096), (96, 64)])
-def test_pack_for_cpu_equals_torchs_packing(shape):
+def block_or_skip() -> int:
     block = Q.cpu_int4_block()
     if block is None:  # only allowed off AVX2 / AVX-512 (test_cpu_int4_block_matches_the_instruction_set)
         pytest.skip(f"torch's int4 CPU layout on {torch.backends.cpu.get_cpu_capability()} is not one we know")
-    assert shape[0] % block == 0, "a test shape must be whole blocks"
+    return block
+
+
+# the real 7B's widths (whole blocks on both kinds) and three of this CPU's blocks
+@pytest.mark.parametrize("shape", [(4096, 256), (11008, 128), (64, 4096), ("3 blocks", 64)])
+def test_pack_for_cpu_equals_torchs_packing(shape):
+    block = block_or_skip()
+    shape = (3 * block if shape[0] == "3 blocks" else shape[0], shape[1])
     q = torch.randint(0, 16, shape, generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     packed = Q.pack_for_cpu(q.to(torch.uint8), block)
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
     assert torch.equal(Q.unpack_for_cpu(packed, block), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("block", [32, 64])  # both kinds' layouts, on any CPU
+def test_pack_for_cpu_follows_the_documented_layout_for_both_blocks(block):
+    # the layout written out element by element (quantize.py's comment): for column k of a block of B rows,
+    # byte i holds row i in its low nibble and row B/2 + i in its high one
+    N, K = 2 * block, 6
+    q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(block), dtype=torch.uint8)
+    expected = torch.empty(N // block, K, block // 2, dtype=torch.uint8)  # the bytes in memory order
+    for n0 in range(0, N, block):
+        for k in range(K):
+            for i in range(block // 2):
+                expected[n0 // block, k, i] = q[n0 + block // 2 + i, k] << 4 | q[n0 + i, k]
+    packed = Q.pack_for_cpu(q, block)
+    assert torch.equal(packed.flatten(), expected.flatten())
+    assert torch.equal(Q.unpack_for_cpu(packed, block), q)
 
 
 # ---------------------------------------------------------------------------- forward paths, CPU
@@ -247,21 +269,33 @@ def test_int8_fallback_when_the_kernel_would_be_wrong(paths, dtype, rows):
     assert only(paths, "whole")
 
 
+# widths in this CPU's blocks: whole (3 blocks), and not (2 blocks + 16 rows: packed with 16 rows of padding)
+WIDTHS = {"whole blocks": lambda block: 3 * block, "padded": lambda block: 2 * block + 16}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 4, 16])
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_int4_cpu_kernel(paths, dtype, rows, group_size):
-    m = int4_layer(96, 256, group_size, bias=True, dtype=dtype)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_int4_cpu_kernel(paths, dtype, rows, group_size, width):
+    block = block_or_skip()
+    n = WIDTHS[width](block)
+    m = int4_layer(n, 256, group_size, bias=True, dtype=dtype)
     m.pack()
-    assert m.layout == "cpu" and m.scales is None and m.scales_and_zeros.shape == (256 // group_size, 96, 2)
+    assert m.layout == "cpu" and m.scales is None
+    assert m.scales_and_zeros.shape == (256 // group_size, -(-n // block) * block, 2)
+    assert m.weight.shape == (-(-n // block) * block, 128)
     with torch.inference_mode():
         check_forward(m, activations(rows, 256, dtype), BF16_TOL, paths)
     assert only(paths, "int4_kernel")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, n, k", [(17, 96, 256), (100, 96, 256), (17, 1056, 4096)])  # 1056: 1024 + 32
+@pytest.mark.parametrize("rows, n, k", [(17, 96, 256), (100, 80, 256), (17, 1056, 4096), (17, 1040, 4096)])
 def test_int4_cpu_in_pieces(paths, dtype, rows, n, k):
+    # 96 and 1056 (1024 + 32) are whole blocks on AVX2 and padded on AVX-512; 80 and 1040 (1024 + 16) are padded on
+    # both; 1056 and 1040 make pieces of 1024 and the rest, the last piece reading a padded block
+    block_or_skip()
     m = int4_layer(n, k, 128, bias=True, dtype=dtype)
     m.pack()
     assert m.layout == "cpu"
@@ -272,10 +306,10 @@ def test_int4_cpu_in_pieces(paths, dtype, rows, n, k):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 40])
-def test_int4_portable_fallback(paths, dtype, rows):
-    n = 48  # not a multiple of the CPU layout's block (32 or 64): pack() leaves the weight portable
-    assert n % (Q.cpu_int4_block() or 32)
-    m = int4_layer(n, 128, 32, bias=True, dtype=dtype)
+def test_int4_portable_fallback(paths, dtype, rows, monkeypatch):
+    # a CPU whose int4 layout we do not know (no AVX2 / AVX-512): pack() leaves the weight portable
+    monkeypatch.setattr(Q, "cpu_int4_block", lambda: None)
+    m = int4_layer(48, 128, 32, bias=True, dtype=dtype)
     m.pack()
     assert m.layout == "portable" and m.scales_and_zeros is None
     with torch.inference_mode():
@@ -285,6 +319,7 @@ def test_int4_portable_fallback(paths, dtype, rows):
 
 def test_portable_after_pack_gives_back_the_quantized_tensors():
     w = weights(96, 256)
+    # 48 rows: padded to the CPU block when packed, cut off again
     for m in (Q.Int8Linear(256, 96), Q.Int4Linear(256, 96, 64), Q.Int4Linear(256, 48, 64)):
         state = m.from_float(w[:m.out_features])
         m.load_state_dict(state)
