@@ -299,7 +299,7 @@ class Int4Linear(nn.Module):
         if block:
             q = pack_for_cpu(F.pad(unpack_nibbles(self.weight), (0, 0, 0, pad), value=8), block)
             # into the same bytes: a new tensor per layer, freed and reallocated, grows the heap at each layer
-            self.weight, self.layout = (self.weight.copy_(q) if pad == 0 else q), "cpu"
+            self.weight, self.layout = (self.weight.copy_(q) if pad == 0 else q.contiguous()), "cpu"
         elif cuda_int4(device) and N % 8 == 0 and self.in_features % 128 == 0:
             self.weight, self.layout = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), 8), "cuda"
         else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -230,7 +231,8 @@ def model_worker(side: str, folder: Path, dtype_name: str, device: str, group_si
             # the better of two each: one slowed by another process could make the difference negative
             first = min(generate_time(text[:batch], None, 1) for _ in range(2))
             full = min(generate_time(text[:batch], None, N_NEW + 1) for _ in range(2))
-            out[f"decode_tok_s_b{batch}"] = batch * N_NEW / (full - first)
+            # a difference of two timings: on a busy machine it can come out <= 0, then it is not a measurement
+            out[f"decode_tok_s_b{batch}"] = batch * N_NEW / (full - first) if full > first else float("nan")
     out["peak_rss_gb"] = peak_rss_bytes() / 1e9
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else 0.0
     if side.startswith("ours"):
@@ -331,6 +333,12 @@ def chat_table(r: dict, title: str) -> str:
 
 
 # ---------------------------------------------------------------------------- the parent
+def median(values) -> float:
+    """The median of the measurements that came out (NaN: a decode difference lost to a busy machine)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.median(kept) if kept else float("nan")
+
+
 def bench(preset: str, dtype: str, repeats: int, text_layers: int, cache_dir: Path, with_reference: bool,
           device: str = "cpu", compiled: bool = False, quantized: tuple = (), group_size: int = 128) -> dict:
     folder = checkpoint(preset, text_layers, cache_dir, device)
@@ -355,7 +363,7 @@ def bench(preset: str, dtype: str, repeats: int, text_layers: int, cache_dir: Pa
         if side not in runs:
             result[side] = None
             continue
-        med = {k: statistics.median(run[k] for run in runs[side]) for k in METRICS + ["weights_gb"]}
+        med = {k: median(run[k] for run in runs[side]) for k in METRICS + ["weights_gb"]}
         # float sides: the formula's bytes (as before); quantized ones: what the loaded model's step reads
         side_bytes = runs[side][0]["decode_bytes_per_step"] if side in quant_sides else step_bytes
         med["decode_bytes_per_step"] = side_bytes

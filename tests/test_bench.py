@@ -1,11 +1,26 @@
-"""The benchmark's smoke test: the tiny preset runs end to end and prints the documented JSON (speed is not asserted)."""
+"""The benchmark's smoke test: the tiny preset runs end to end and prints the documented JSON (speed is not asserted).
+
+Only what cannot be noisy is asserted positive: times measured directly, memory, byte counts. Decode tokens/s is a
+difference of two timings (NaN when a busy machine makes it <= 0), so it and the ratios and bound fractions made
+from it are only checked to be numbers.
+"""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 SIDE_KEYS = {"load_s", "peak_rss_gb", "vision_s", "prefill_s", "decode_tok_s_b1", "decode_tok_s_b4"}
+DIRECT = {"load_s", "peak_rss_gb", "vision_s", "prefill_s"}  # measured directly: > 0 on any machine
+FROM_DECODE = {"decode_tok_s_b1", "decode_tok_s_b4", "decode_bound_fraction", "decode", "decode_b1", "decode_b4"}
+
+
+def check_numbers(values: dict):
+    """Direct measurements > 0; what decode tokens/s enters, a float (NaN allowed) and never <= 0."""
+    for k, v in values.items():
+        assert isinstance(v, (int, float)), (k, v)
+        assert (math.isnan(v) or v > 0) if k in FROM_DECODE else v > 0, (k, v)
 
 
 def test_tiny_preset_prints_one_json_object_with_both_sides_and_the_ratios(tmp_path):
@@ -17,10 +32,10 @@ def test_tiny_preset_prints_one_json_object_with_both_sides_and_the_ratios(tmp_p
     assert (result["preset"], result["dtype"]) == ("tiny", "float32")
     for side in ("ours", "reference"):
         assert SIDE_KEYS <= result[side].keys()
-        assert all(result[side][k] > 0 for k in SIDE_KEYS), result[side]
+        check_numbers({k: result[side][k] for k in SIDE_KEYS})
     assert set(result["ratios"]) == {"load", "vision", "prefill", "decode"}
-    assert all(r > 0 for r in result["ratios"].values())
-    assert 0 < result["decode_bound_fraction"]
+    check_numbers(result["ratios"])
+    check_numbers({"decode_bound_fraction": result["decode_bound_fraction"]})
     assert (tmp_path / "tiny" / "config.json").is_file()  # the checkpoint is cached for the next run
 
 
@@ -35,12 +50,12 @@ def test_tiny_preset_with_quantized_sides_prints_their_metrics_bounds_and_ratios
     for mode in ("int8", "int4"):
         side = result[f"ours_{mode}"]
         assert SIDE_KEYS | {"decode_bound_fraction", "decode_bytes_per_step", "weights_gb"} <= side.keys()
-        assert all(side[k] > 0 for k in SIDE_KEYS | {"decode_bound_fraction", "decode_bytes_per_step"}), side
+        check_numbers({k: side[k] for k in SIDE_KEYS | {"decode_bound_fraction", "decode_bytes_per_step"}})
         # fewer bytes per decode step than bfloat16's: int8 / int4 weights (+ scales, zeros) instead of bf16 ones
         assert side["decode_bytes_per_step"] < result["decode_bytes_per_step"]
         ratios = result[f"ratios_{mode}"]
         assert set(ratios) == {"decode_b1", "decode_b4", "prefill", "vision", "load", "peak_rss"}
-        assert all(r > 0 for r in ratios.values()), ratios
+        check_numbers(ratios)
     assert result["ours_int4"]["decode_bytes_per_step"] < result["ours_int8"]["decode_bytes_per_step"]
     # the float side's bytes counted on the loaded model agree with the formula the float bound uses
     assert result["ours_decode_bytes_per_step_measured"] == result["decode_bytes_per_step"]

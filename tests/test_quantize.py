@@ -269,8 +269,9 @@ def test_int8_fallback_when_the_kernel_would_be_wrong(paths, dtype, rows):
     assert only(paths, "whole")
 
 
-# widths in this CPU's blocks: whole (3 blocks), and not (2 blocks + 16 rows: packed with 16 rows of padding)
-WIDTHS = {"whole blocks": lambda block: 3 * block, "padded": lambda block: 2 * block + 16}
+# widths in this CPU's blocks: whole (3 blocks), and not (2 blocks + 16 rows; half a block): packed with padding
+WIDTHS = {"whole blocks": lambda block: 3 * block, "padded": lambda block: 2 * block + 16,
+          "half a block": lambda block: block // 2}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
