@@ -59,6 +59,13 @@ def negative_coordinates(argv: list[str]) -> list[str]:
     return out
 
 
+def line_width(text: str) -> float:
+    width = float(text)
+    if not width >= 1:  # 0 or less would draw a 1-pixel line, not what was asked
+        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text}")
+    return width
+
+
 def parse_args(argv=None):
     p = Parser(prog="vipllava.py", description="Ask ViP-LLaVA about an image, optionally marked with a box, "
                "arrow, scribble... The answer streams to stdout; status goes to stderr.",
@@ -79,8 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="quantize the language model's weights while loading: int8 needs about half the memory of "
                         "bfloat16 (7.6 GB for the 7B), int4 a third (4.5 GB)")
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
-                   help="inputs per int4 scale and zero point: smaller is more accurate and larger on disk")
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256],
+                   help="inputs per int4 scale and zero point: smaller is more accurate and larger on disk "
+                        "(default 128, or the largest that divides a small model's layer widths)")
     p.add_argument("--image-mode", default="pad", choices=["pad", "crop"],
                    help="pad: pad to a square, as the model was trained; crop: transformers' centre crop")
     p.add_argument("--template", default="vipllava", choices=["vipllava", "llava_v1"],
@@ -96,10 +104,12 @@ def parse_args(argv=None):
         g.add_argument(f"--{flag}", action=Shape, metavar=form.upper(), dest=flag.replace("-", "_"))
     g.add_argument("--color", default=None, help="colour of the shapes given after it; shapes before any --color "
                    "take the last one given, else red. red, lime, blue, yellow, fuchsia, aqua, orange, purple, gold or R,G,B")
-    g.add_argument("--width", type=float, help="line width in pixels (default: scaled to the image size)")
+    g.add_argument("--width", type=line_width, help="line width in pixels, at least 1 (default: scaled to the image size)")
     g.add_argument("--alpha", type=int, help="opacity 0-255 (default 255; masks 88)")
     g.add_argument("--save-annotated", metavar="PATH", help="write the marked image here")
-    q = p.add_argument_group("question files (questions.py; under torchrun each rank takes its share)")
+    q = p.add_argument_group("question files (questions.py; under torchrun each rank takes its share)",
+                             "Exit status 1 when any question could not be answered (its record holds the error), "
+                             "0 when all were; 2 for a usage error.")
     q.add_argument("--questions", metavar="IN.jsonl", help='answer every line {"question_id", "image", "text", ...}')
     q.add_argument("--answers", metavar="OUT.jsonl", help="append the answers here; a rerun skips those already in it")
     q.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
@@ -225,7 +235,7 @@ def main(argv=None):
             import questions
 
             if args.merge:
-                return questions.finish(Path(args.questions), Path(args.answers), 1)
+                sys.exit(1 if questions.finish(Path(args.questions), Path(args.answers), 1) else 0)
             args.device = questions.setup_ranks(args.device)
         weights.resolve_device(args.device)
         image = annotate(args) if args.image else None
@@ -247,7 +257,8 @@ def main(argv=None):
             log("compiling the decode step on the first answer (about a minute for the 7B)")
             model.compile_decode()
         if args.questions:
-            questions.answer(args, model, processor)
+            if questions.answer(args, model, processor):
+                sys.exit(1)  # some questions could not be answered: their records say why
         else:
             chat(args, model, processor, image)
     except (ValueError, OSError, KeyError, MemoryError, NotImplementedError) as e:

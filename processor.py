@@ -155,6 +155,8 @@ def load_image(image) -> Image.Image:
             source = io.BytesIO(fetch(name))
         else:
             source = Path(name).expanduser()
+            if source.is_dir():
+                raise IsADirectoryError(f"{name} is a folder, not an image file: give the path of one image in it")
             if not source.is_file():
                 raise FileNotFoundError(f"no image file {name}: check the path")
         image = open_image(source, name)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 FEW_ROWS = 16  # up to this many rows a product is a decode step: reading the weight is the cost
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
+DEFAULT_GROUP_SIZE = 128
 
 
 # ---------------------------------------------------------------------------- float Linear, CPU paths
@@ -208,8 +209,20 @@ def check_group_size(group_size: int, in_features: int | None = None):
         raise ValueError(f"int4 group size {group_size} is not supported: use one of {GROUP_SIZES} (128 is the default)")
     if in_features is not None and in_features % group_size:
         fits = [g for g in GROUP_SIZES if in_features % g == 0]
-        hint = f"use group size {max(fits)}" if fits else "quantize this model to int8"
+        hint = f"use group size {max(fits)} (--group-size {max(fits)}, or group_size={max(fits)} in Python)" \
+            if fits else "quantize this model to int8"
         raise ValueError(f"int4 group size {group_size} does not divide a layer width of {in_features}: {hint}")
+
+
+def choose_group_size(widths, group_size: int | None = None) -> int:
+    """The int4 group size for layers with these input widths: the one asked for (checked against each), or for
+    None the default 128 where it divides them all, else the largest that does (small models, e.g. 64 wide)."""
+    if group_size is None:
+        fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+        group_size = DEFAULT_GROUP_SIZE if DEFAULT_GROUP_SIZE in fits else max(fits, default=DEFAULT_GROUP_SIZE)
+    for width in sorted(widths):
+        check_group_size(group_size, width)
+    return group_size
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -452,7 +465,8 @@ def saved_quantization(raw: dict, folder, quantize, group_size) -> tuple[str, in
         raise ValueError(f"{folder} is quantized with {saved.get('quant_method')!r}, which this loader does not read: "
                          f"use the float checkpoint, with quantize='int8' or 'int4' to quantize it here")
     mode, group = saved["weights"], saved.get("group_size", 128)
-    if quantize is not None and (quantize, group_size if quantize == "int4" else group) != (mode, group):
+    asked = group_size if quantize == "int4" and group_size is not None else group  # None: as saved
+    if quantize is not None and (quantize, asked) != (mode, group):
         kind = mode + (f" (group size {group})" if mode == "int4" else "")
         raise ValueError(f"{folder} holds a model already quantized to {kind}, but quantize={quantize!r}"
                          f"{f', group_size={group_size}' if quantize == 'int4' else ''} was asked for: load it with "

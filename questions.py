@@ -347,17 +347,21 @@ def answer(args, model, processor, generation: dict | None = None):
                 signal.signal(s, handler)
     bar.close()
     barrier()
-    if rank == 0:
-        finish(Path(args.questions), answers, size)
+    return finish(Path(args.questions), answers, size) if rank == 0 else 0
 
 
-def finish(questions: Path, answers: Path, size: int):
-    """Rank 0, after the barrier: merge the part files (if all ranks' are here) and order by input."""
+def finish(questions: Path, answers: Path, size: int) -> int:
+    """Rank 0, after the barrier: merge the part files (if all ranks' are here) and order by input.
+    The number of questions that could not be answered (error records), for the exit status."""
     parts = part_files(answers)
     missing = [r for r in range(size) if size > 1 and not (answers.parent / f"{answers.name}.part{r}-of-{size}").is_file()]
     if missing:
         log(f"the part files of rank(s) {missing} are not in {answers.parent} (nodes without a shared filesystem?): "
             f"copy them there and run the same command with --merge")
-        return
-    n = merge(questions, answers, parts)
-    log(f"{n} record(s) in {answers}")
+        return 0
+    merge(questions, answers, parts)
+    records = read_records(answers)
+    n_errors = sum("error" in r for r in records)
+    log(f"{len(records)} record(s) in {answers}: {len(records) - n_errors} answered, {n_errors} could not be answered"
+        + (' (their "error" says why; exit status 1)' if n_errors else ""))
+    return n_errors

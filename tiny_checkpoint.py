@@ -171,35 +171,51 @@ def is_checkpoint(folder: Path) -> bool:
         return False
 
 
-def check_folder(folder: Path, force: bool, p: Parser):
-    """Write only into a new or empty folder, or with --force over a VipLlava checkpoint: never over other files."""
+MADE_WITH = "tiny_checkpoint.json"  # the settings this command wrote a folder with: a rerun finds it done
+
+
+def check_folder(folder: Path, settings: dict, force: bool, p: Parser) -> bool:
+    """Write only into a new or empty folder, or with --force over a VipLlava checkpoint: never over other files.
+    False: the folder already holds what this command would write (the same settings), nothing to do."""
     if folder.exists() and not folder.is_dir():
         p.error(f"{folder} is a file: give a folder to write the checkpoint into")
     if not folder.is_dir() or not any(folder.iterdir()):
-        return
+        return True
     if not is_checkpoint(folder):
         p.error(f"{folder} is not empty and holds no VipLlava checkpoint: choose a new or empty folder")
     if not force:
-        p.error(f"{folder} already holds a VipLlava checkpoint: use it as it is, or pass --force to replace it")
+        try:
+            if json.loads((folder / MADE_WITH).read_text()) == settings:
+                return False
+        except (OSError, ValueError):
+            pass
+        p.error(f"{folder} already holds a VipLlava checkpoint (not this command's with these settings): use it as "
+                f"it is, or pass --force to replace it")
     for old in [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)  # a sharded checkpoint's index would otherwise point at its old shards
+    return True
 
 
 def main(argv=None):
     p = Parser(prog="tiny_checkpoint.py", description="Write a small random VipLlava checkpoint in the hub format "
                "(about 1 MB), to try the command line, the server and the notebooks offline: "
                "python vipllava.py --model FOLDER --image ... --prompt .... Its weights are random: answers are gibberish.")
-    p.add_argument("folder", metavar="FOLDER", help="where to write it: a new or empty folder")
+    p.add_argument("folder", metavar="FOLDER", help="where to write it: a new or empty folder (or one this command "
+                   "wrote with the same settings: then nothing is done)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="of the weights (default float32: runs on every CPU)")
     p.add_argument("--seed", type=int, default=0, help="of the random weights (default 0)")
     p.add_argument("--force", action="store_true", help="replace the checkpoint a folder already holds "
                    "(a folder with other files is never written into)")
     args = p.parse_args(argv)
-    folder = Path(args.folder).expanduser()
-    check_folder(folder, args.force, p)
-    write_checkpoint(folder, dtype=args.dtype, seed=args.seed)
-    print(f"wrote a random VipLlava checkpoint ({args.dtype}, seed {args.seed}) to {folder}: its answers are "
+    folder, settings = Path(args.folder).expanduser(), {"dtype": args.dtype, "seed": args.seed}
+    if check_folder(folder, settings, args.force, p):
+        write_checkpoint(folder, dtype=args.dtype, seed=args.seed)
+        (folder / MADE_WITH).write_text(json.dumps(settings) + "\n")
+        done = "wrote a random VipLlava checkpoint"
+    else:
+        done = "already there, nothing written: a random VipLlava checkpoint"
+    print(f"{done} ({args.dtype}, seed {args.seed}) in {folder}: its answers are "
           f"gibberish; try python vipllava.py --model {folder} --image tests/images/chelsea.png --prompt ...",
           file=sys.stderr)
     print(folder)  # on stdout, for scripts

@@ -32,8 +32,8 @@ import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from generate import ChatSession  # noqa: F401  (re-exported: `from vipllava import ChatSession`)
 from llama import Llama, LlamaConfig
-from quantize import (Linear, check_group_size, check_mode, portable, quantization_config, quantize_language_model,
-                      saved_quantization, weight_bytes)
+from quantize import (DEFAULT_GROUP_SIZE, Linear, check_group_size, check_mode, choose_group_size, portable,
+                      quantization_config, quantize_language_model, saved_quantization, weight_bytes)
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
 # transformers' VipLlavaConfig builds CLIP ViT-L/14-336 when config.json has no vision_config at all.
@@ -217,14 +217,14 @@ class VipLlava(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, quantize: str | None = None,
-                        group_size: int = 128, verbose: bool = True, torch_dtype=None) -> "VipLlava":
+                        group_size: int | None = None, verbose: bool = True, torch_dtype=None) -> "VipLlava":
         """Load a checkpoint folder or hub id.
 
         dtype None/'auto': bfloat16 with `quantize`; on a CPU float32 if it fits in memory with room to spare,
         else bfloat16; elsewhere the checkpoint's dtype. `torch_dtype` is transformers' older name for it.
-        quantize 'int8' / 'int4' (groups of `group_size` inputs): the language model's Linears are quantized
-        tensor by tensor while loading (quantize.py). A folder that save_pretrained wrote from a quantized
-        model loads as it was saved.
+        quantize 'int8' / 'int4' (groups of `group_size` inputs; None: 128, or the largest size that divides a
+        small model's widths): the language model's Linears are quantized tensor by tensor while loading
+        (quantize.py). A folder that save_pretrained wrote from a quantized model loads as it was saved.
         """
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
@@ -232,7 +232,8 @@ class VipLlava(nn.Module):
             dtype = torch_dtype
         if quantize is not None:
             check_mode(quantize)
-            check_group_size(group_size)
+            if group_size is not None:
+                check_group_size(group_size)
         device = weights.resolve_device(device)
         weights.resolve_dtype(dtype, device, torch.float16)  # an unknown dtype fails before any download
         folder = weights.resolve(path_or_repo_id)
@@ -242,6 +243,13 @@ class VipLlava(nn.Module):
         config = VipLlavaConfig.from_dict(raw)
         saved = saved_quantization(raw, folder, quantize, group_size)  # (mode, group size) of a quantized folder
         mode, group_size = saved or (quantize, group_size)
+        if mode and not saved:
+            t, asked = config.text_config, group_size
+            group_size = choose_group_size({t.hidden_size, t.num_attention_heads * t.head_dim, t.intermediate_size},
+                                           group_size) if mode == "int4" else DEFAULT_GROUP_SIZE
+            if mode == "int4" and asked is None and group_size != DEFAULT_GROUP_SIZE and verbose:
+                weights.log(f"int4: group size {group_size}, the largest that divides this model's layer widths "
+                            f"(128, the default, does not)")
 
         def build(mode):
             with torch.device("meta"):

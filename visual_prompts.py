@@ -152,6 +152,8 @@ def draw_visual_prompt(image, shape, coords, color="red", width=None, alpha=None
     if not 0 <= alpha <= 255:
         raise ValueError(f"alpha must be in 0..255, got {alpha}")
     fill += (round(alpha),)
+    if width is not None and not width >= 1:  # also NaN; 0 or less would draw a 1-pixel line, not what was asked
+        raise ValueError(f"width must be at least 1 pixel, got {width:g}")
     image = to_rgb(image)  # transparency onto white, as the processor does
     W, H = image.size
     points = list(zip(coords[0::2], coords[1::2]))

@@ -1,6 +1,8 @@
 """Tiny random reference models built with transformers (the oracle), written in each key layout."""
+import hashlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,25 @@ def hub_checkpoint(reference, tmp_path_factory):
     """The reference in the hub layout, 3 shards, float32, with the real checkpoint's legacy config.json."""
     folder = tmp_path_factory.mktemp("hub")
     return write_checkpoint(reference, folder, "hub", n_shards=3, config=legacy_config(dtype="float32"))
+
+
+def tracked_changes() -> dict | None:
+    """{path: sha1 of its content} for the tracked files that differ from git's index; None outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        names = subprocess.run(["git", "ls-files", "-m"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {n: hashlib.sha1((root / n).read_bytes()).hexdigest() if (root / n).exists() else None
+            for n in names.stdout.splitlines()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_leave_tracked_files_alone():
+    """The suite writes only to temporary folders: no tracked file may change while it runs."""
+    before = tracked_changes()
+    yield
+    after = tracked_changes()
+    if before is not None and after is not None:
+        changed = sorted(n for n in after if after[n] != before.get(n))
+        assert not changed, f"the tests changed tracked files: {changed} (write to tmp_path instead)"

@@ -95,6 +95,11 @@ def test_chat_two_turns_through_stdin(checkpoint):
 @pytest.mark.parametrize("args,message", [
     (["--image", "nope.png"], "no image file nope.png"),
     (["--image", "README.md"], "not an image file"),
+    (["--image", "tests"], "tests is a folder, not an image file: give the path of one image in it"),
+    (["--image", CAT, "--box", "1,2,30,40", "--width", "0"], "argument --width: must be at least 1 pixel, got 0"),
+    (["--image", CAT, "--box", "1,2,30,40", "--width", "-3"], "argument --width: must be at least 1 pixel, got -3"),
+    (["--image", CAT, "--quantize", "int4", "--group-size", "128"],
+     "int4 group size 128 does not divide a layer width of 64: use group size 64 (--group-size 64"),
     (["--image", CAT, "--box", "1,2,3"], "expects x1,y1,x2,y2"),
     (["--image", CAT, "--box", "a,b,c,d"], "expects x1,y1,x2,y2"),
     (["--image", CAT, "--point", "600,20"], "outside the 451x300 image"),
@@ -125,6 +130,14 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stdout == ""
+
+
+def test_int4_on_the_tiny_checkpoint_takes_the_largest_group_size_that_fits_and_says_so(checkpoint):
+    # 128, the default, does not divide the tiny model's width of 64: 64 does, and stderr says so
+    r = run("--model", checkpoint, "--image", CAT, "--prompt", "What is it?", "--quantize", "int4",
+            "--max-new-tokens", 4)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    assert "int4: group size 64, the largest that divides this model's layer widths" in r.stderr
 
 
 def test_save_annotated_where_nothing_may_be_written_is_refused_before_loading(monkeypatch, capsys, tmp_path):

@@ -389,6 +389,8 @@ def test_stream_decoder_on_random_ids_including_invalid_bytes(ours):
 def test_image_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no image file .*missing.png"):
         load_image(tmp_path / "missing.png")
+    with pytest.raises(IsADirectoryError, match="is a folder, not an image file"):
+        load_image(tmp_path)
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(ValueError, match="notes.png is not an image file"):
         load_image(tmp_path / "notes.png")

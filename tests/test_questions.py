@@ -59,11 +59,20 @@ def folder(tmp_path_factory):
     return folder
 
 
-def answer_file(folder, name, *extra, questions="q.jsonl", n_new=N_NEW):
+def status_of(argv) -> int:
+    """cli.main's exit status: 1 when a question could not be answered (q.jsonl's bad lines), else 0."""
+    try:
+        cli.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def answer_file(folder, name, *extra, questions="q.jsonl", n_new=N_NEW, status=1):
     out = folder / name
     out.unlink(missing_ok=True)
-    cli.main(["--model", str(folder / "ckpt"), "--questions", str(folder / questions), "--answers", str(out),
-              "--max-new-tokens", str(n_new), *map(str, extra)])
+    assert status_of(["--model", str(folder / "ckpt"), "--questions", str(folder / questions), "--answers", str(out),
+                      "--max-new-tokens", str(n_new), *map(str, extra)]) == status
     return out
 
 
@@ -121,7 +130,7 @@ def test_bad_lines_and_images_give_error_records_and_the_run_goes_on(reference):
 def test_killed_run_resumes_and_answers_each_question_exactly_once(folder, tmp_path):
     lines = (folder / "q.jsonl").read_text().splitlines()
     (folder / "long.jsonl").write_text("\n".join(lines[:3] + lines[5:14]) + "\n")  # 12 questions, long answers
-    reference = answer_file(folder, "long_reference.jsonl", questions="long.jsonl", n_new=KILL_NEW)
+    reference = answer_file(folder, "long_reference.jsonl", questions="long.jsonl", n_new=KILL_NEW, status=0)
     out = tmp_path / "a.jsonl"
     cmd = [ROOT / "vipllava.py", "--model", folder / "ckpt", "--questions", folder / "long.jsonl", "--answers", out,
            "--max-new-tokens", KILL_NEW, "--batch-size", 1]
@@ -152,7 +161,7 @@ def test_two_torchrun_ranks_on_cpu_give_the_same_file_as_one_process(folder, ref
     p = run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2, ROOT / "vipllava.py",
             "--model", folder / "ckpt", "--questions", folder / "q.jsonl", "--answers", out, "--device", "cpu",
             "--max-new-tokens", N_NEW, "--batch-size", 3)
-    assert p.wait(timeout=240) == 0, p.stderr.read()
+    assert p.wait(timeout=240) == 1, p.stderr.read()  # q.jsonl's bad lines: rank 0 exits 1, and so torchrun
     assert out.read_text() == reference.read_text()
     assert sorted(os.listdir(tmp_path)) == ["a.jsonl"]  # the part files were merged and removed
 
@@ -163,9 +172,30 @@ def test_merge_puts_part_files_in_input_order(folder, reference, tmp_path):
     out.write_text("".join(lines[:3]))  # an earlier run's answers
     (tmp_path / "a.jsonl.part0-of-2").write_text("".join(lines[3::2][::-1]) + lines[0] + '{"quest')  # a duplicate, a half line
     (tmp_path / "a.jsonl.part1-of-2").write_text("".join(lines[4::2]))
-    cli.main(["--questions", str(folder / "q.jsonl"), "--answers", str(out), "--merge"])
+    assert status_of(["--questions", str(folder / "q.jsonl"), "--answers", str(out), "--merge"]) == 1  # bad lines
     assert out.read_text() == reference.read_text()
     assert sorted(os.listdir(tmp_path)) == ["a.jsonl"]
+
+
+def test_the_run_ends_with_how_many_were_answered_and_exits_1_if_any_was_not(folder, tmp_path):
+    lines = (folder / "q.jsonl").read_text().splitlines()
+    thin = json.dumps({"question_id": "w0", "image": str(folder / "img" / "horse.png"), "text": "Hi?",
+                       "visual_prompts": [{"shape": "box", "coords": [1, 2, 30, 40], "width": 0}]})
+    # beside q.jsonl: its images are paths relative to the question file
+    (folder / "some_bad.jsonl").write_text("\n".join(lines[:2] + [thin] + lines[-5:]) + "\n")  # 2 good, 6 bad
+    (folder / "good.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    for name, status, summary in [("some_bad", 1, "8 record(s) in {}: 2 answered, 6 could not be answered"),
+                                  ("good", 0, "2 record(s) in {}: 2 answered, 0 could not be answered")]:
+        out = tmp_path / f"{name}.answers.jsonl"
+        p = run(ROOT / "vipllava.py", "--model", folder / "ckpt", "--questions", folder / f"{name}.jsonl",
+                "--answers", out, "--max-new-tokens", 4)
+        stderr = p.communicate(timeout=240)[1]
+        assert p.returncode == status, stderr
+        assert summary.format(out) in stderr.splitlines()[-1] and "Traceback" not in stderr
+    (width,) = [r for r in records(tmp_path / "some_bad.answers.jsonl") if r.get("question_id") == "w0"]
+    assert "width must be at least 1 pixel, got 0" in width["error"]
+    r = subprocess.run([sys.executable, ROOT / "vipllava.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert "Exit status 1 when any question could not be answered" in " ".join(r.stdout.split())
 
 
 @pytest.mark.parametrize("args, message", [

@@ -214,6 +214,7 @@ ERRORS = {  # name: (body as JSON or raw bytes, status)
     "coordinates outside the image": (chat(ask("hi", image_part(marks=[{"shape": "box", "coords": [0, 0, 500, 100]}]))), 400),
     "unknown shape": (chat(ask("hi", image_part(marks=[{"shape": "star", "coords": [1, 1, 9, 9]}]))), 400),
     "unknown colour": (chat(ask("hi", image_part(marks=[{**BOX, "color": "mauve"}]))), 400),
+    "line width below 1 pixel": (chat(ask("hi", image_part(marks=[{**BOX, "width": 0}]))), 400),
     "coordinates that are not numbers": (chat(ask("hi", image_part(marks=[{"shape": "box", "coords": "1,2,3,4"}]))), 400),
     "prompt longer than the context": (chat({"role": "user", "content": LONG}), 400),
     "prompt plus max_tokens over the context": (chat(ask("hi"), max_tokens=2000), 400),
@@ -306,8 +307,11 @@ def canvas_pixels(page):  # (300, 451, 3): what the page's canvas shows, in the 
     return np.array(shown, dtype=np.uint8).reshape(300, 451, 4)[..., :3]
 
 
-def test_page_draw_a_box_ask_and_see_the_streamed_answer(url, library):
-    """The page in headless Chromium: open a photo, drag a box with the mouse, ask, read the streamed answer."""
+def test_page_draw_a_box_ask_and_see_the_streamed_answer(url, library, tmp_path):
+    """The page in headless Chromium: open a photo, drag a box with the mouse, ask, read the streamed answer.
+
+    Its screenshot goes to a temporary folder; the README's picture is made on purpose with
+    SCREENSHOT=docs/server_page.png python -m pytest tests/test_server.py -k page"""
     if not CHROMIUM.exists():
         missing = f"no browser: {CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)"
         if os.environ.get("REQUIRE_BROWSER"):  # set by .ci/run: in CI this test runs or fails
@@ -361,7 +365,9 @@ def test_page_draw_a_box_ask_and_see_the_streamed_answer(url, library):
             assert messages[0]["content"][0] == part and messages[1]["content"] == expected
             assert messages[2]["content"] == "And what colour is it?"
             page.wait_for_function("document.querySelectorAll('.assistant[data-done=true]').length == 2", timeout=120_000)
-            page.screenshot(path=str(ROOT / "docs" / "server_page.png"))
+            shot = Path(os.environ.get("SCREENSHOT") or tmp_path / "server_page.png")
+            page.screenshot(path=str(shot))
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
             # A second mark (an arrow), then undo: the canvas is back to the server's image with the box alone.
             page.click("button[data-shape=arrow]")

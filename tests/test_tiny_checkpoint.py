@@ -63,12 +63,26 @@ def test_replaces_a_checkpoint_only_with_force(tmp_path):
     tiny_checkpoint.write_checkpoint(tmp_path, dtype="float32", max_shard_bytes=200_000)  # sharded, with an index
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(shards) > 1
-    assert refused(run(tmp_path), "already holds a VipLlava checkpoint: use it as it is, or pass --force")
+    assert refused(run(tmp_path), "already holds a VipLlava checkpoint (not this command's with these settings): "
+                                  "use it as it is, or pass --force")
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == shards  # untouched
     assert run(tmp_path, "--force", "--seed", "3").returncode == 0
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]  # old shards gone
     assert not (tmp_path / "model.safetensors.index.json").exists()
     VipLlava.from_pretrained(tmp_path, verbose=False)
+
+
+def test_a_rerun_with_the_same_settings_finds_it_done(tmp_path):
+    # the README's one-liner, run twice: the second run must reach the CLI
+    folder = tmp_path / "tiny"
+    assert run(folder, "--seed", "2").returncode == 0
+    shards = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    r = run(folder, "--seed", "2")
+    assert r.returncode == 0 and r.stdout == f"{folder}\n", r.stderr
+    assert "already there, nothing written" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == shards  # nothing rewritten
+    assert refused(run(folder, "--seed", "3"), "already holds a VipLlava checkpoint")  # other settings: not silently
+    assert refused(run(folder, "--dtype", "bfloat16", "--seed", "2"), "already holds a VipLlava checkpoint")
 
 
 @pytest.mark.parametrize("args,message", [(["--dtype", "float8", "x"], "invalid choice: 'float8'"),

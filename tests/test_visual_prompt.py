@@ -175,6 +175,10 @@ def test_draw_errors():
         draw_visual_prompt(image, "point", [5, 5], alpha=300)
     with pytest.raises(ValueError, match="colour"):
         draw_visual_prompt(image, "point", [5, 5], color="crimson")
+    for width in (0, -3, 0.4, float("nan")):  # would draw a 1-pixel line: refused, not silently changed
+        with pytest.raises(ValueError, match="width must be at least 1 pixel"):
+            draw_visual_prompt(image, "box", [10, 10, 40, 50], width=width)
+    draw_visual_prompt(image, "box", [10, 10, 40, 50], width=1)  # the thinnest line is fine
 
 
 def test_crop_box_and_outside_crop():
