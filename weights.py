@@ -57,6 +57,15 @@ def log(msg: str, end="\n"):
     print(msg, file=sys.stderr, end=end, flush=True)
 
 
+def progress(msg: str, last: bool = False):
+    """A progress line: rewritten in place on a terminal; elsewhere (a log file, CI) each one a whole line,
+    so that a `\r` never runs it into the next."""
+    if sys.stderr.isatty():
+        log("\r" + msg, end="\n" if last else "")
+    else:
+        log(msg)
+
+
 # ---------------------------------------------------------------------------- finding files
 def resolve(path_or_repo_id, allow_patterns=CONFIG_FILES + WEIGHT_FILES) -> Path:
     """A local checkpoint folder, or a hub id downloaded (or found in the hub cache)."""
@@ -330,7 +339,7 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
                        dtype=torch.uint8)  # the largest float weight to quantize, read into one buffer, reused
     for i, (file, pairs) in enumerate(plan.items()):
         if verbose:
-            log(f"\rloading weights: shard {i + 1}/{len(plan)} ({file.name})", end="")
+            progress(f"loading weights: shard {i + 1}/{len(plan)} ({file.name})")
         header, start = headers[file]
         with open(file, "rb", buffering=0) as f:
             for key, name in sorted(pairs, key=lambda p: header[p[0]]["data_offsets"][0]):  # read in file order
@@ -342,7 +351,8 @@ def load_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, devic
                     own = meta[name].dtype if name in own_dtype else dtype
                     state[name] = read_tensor(f, file, start, header[key], own, device, scratch)
     if verbose:
-        log(f"\rloading weights: {len(plan)} shard(s), {len(state)} tensors in {time.perf_counter() - t0:.1f} s")
+        progress(f"loading weights: {len(plan)} shard(s), {len(state)} tensors in {time.perf_counter() - t0:.1f} s",
+                 last=True)
     model.load_state_dict(state, strict=True, assign=True)
     quantize.pack(model)
     slow = quantize.without_kernel(model)

@@ -397,5 +397,15 @@ def test_progress_goes_to_stderr_and_verbose_false_silences_it(hub_checkpoint, c
     assert out == ""
     assert "loading weights: shard 1/3 (model-00001-of-00003.safetensors)" in err
     assert re.search(r"loading weights: 3 shard\(s\), \d+ tensors in [\d.]+ s\n$", err)
+    # stderr here is not a terminal (as in CI or `2>log`): whole lines, no carriage return to run them together
+    assert "\r" not in err and "loading weights: shard 1/3 (model-00001-of-00003.safetensors)\n" in err
     VipLlava.from_pretrained(hub_checkpoint, verbose=False)
     assert capsys.readouterr() == ("", "")
+
+
+def test_progress_rewrites_its_line_on_a_terminal(hub_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    VipLlava.from_pretrained(hub_checkpoint)
+    err = capsys.readouterr().err
+    assert "\rloading weights: shard 1/3 (model-00001-of-00003.safetensors)\rloading weights: shard 2/3" in err
+    assert re.search(r"\rloading weights: 3 shard\(s\), \d+ tensors in [\d.]+ s\n$", err)
