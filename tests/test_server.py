@@ -302,7 +302,8 @@ def test_concurrent_requests_all_complete_with_the_same_answer(client, library):
                 stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stream=True)
                 results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             else:
-                results[i] = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16).choices[0].message.content
+                answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16)
+                results[i] = answer.choices[0].message.content
         except Exception as e:  # reported below, so that a failure names its request
             errors.append((i, e))
 
