@@ -7,8 +7,9 @@ what to do with them.
 
 Pieces, small to large: `GenerationConfig` (generation_config.json, transformers' defaults), `check_sampling`
 and `sample` (greedy, temperature, top-k, top-p; the repetition penalty), `StopStrings` (streams text
-without ever printing part of a stop string), `generate` (the decode loop: prefill, then one token per step, optionally through a torch.compile'd step), and `ChatSession`
-(a conversation about one image that keeps its KV cache between turns).
+without ever printing part of a stop string), `generate` (the decode loop: prefill, then one token per step,
+optionally through a torch.compile'd step), and `ChatSession` (a conversation about one image that keeps
+its KV cache between turns).
 
 Quirks worth knowing:
 - `generate` returns only the new ids (transformers returns the prompt too); EOS stays in the output,

@@ -222,8 +222,8 @@ def device_from_map(device_map, device=None) -> torch.device:
     devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
     if len(devices) != 1:
         raise ValueError(f"device_map places the model's parts on {len(devices)} devices "
-                         f"({sorted(map(str, devices))}): this loader keeps the whole model on one device; pass one, e.g. device_map='cuda:0', or "
-                         f"quantize='int4' to fit a small GPU")
+                         f"({sorted(map(str, devices))}): this loader keeps the whole model on one device; "
+                         f"pass one, e.g. device_map='cuda:0', or quantize='int4' to fit a small GPU")
     mapped = devices.pop()
     mapped = resolve_device(f"cuda:{mapped}" if isinstance(mapped, int) else mapped)
     if device is not None and resolve_device(device) != mapped:

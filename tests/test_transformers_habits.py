@@ -62,7 +62,8 @@ def test_generate_follows_the_checkpoints_generation_config(models, tmp_path):
     """A generation_config.json that samples with top_k=1 (greedy in effect) and 6 new tokens: generate() with
     no arguments does what transformers' does; explicit arguments win."""
     reference, _, _ = models
-    reference.generation_config.update(do_sample=True, top_k=1, max_new_tokens=6, eos_token_id=[], pad_token_id=PAD_TOKEN)
+    reference.generation_config.update(do_sample=True, top_k=1, max_new_tokens=6, eos_token_id=[],
+                                       pad_token_id=PAD_TOKEN)
     try:
         folder = write_checkpoint(reference, tmp_path / "sampling", "transformers-5.x")
         ids, mask, px = inputs([(0, 5, 1, 6), (3, 4, 1, 4)], seed=5)
