@@ -1,6 +1,8 @@
 """Calls transformers users make out of habit, each against transformers making the same call: generate's
 max_length / pad_token_id / eos_token_id, the generation config and its top_k, processor(padding=True),
 apply_chat_template(tokenize=True), processor.tokenizer, processor.save_pretrained, num_parameters, device_map."""
+import shutil
+
 import pytest
 import tokenizers
 import torch
@@ -45,17 +47,20 @@ def test_generate_max_length_pad_token_id_and_eos_token_id_as_transformers(model
         model.generate(ids, px, mask, max_length=T)
 
 
-def test_generation_config_is_read_with_transformers_defaults(models, hub_checkpoint):
+def test_generation_config_is_read_with_transformers_defaults(hub_checkpoint, tmp_path):
     from transformers import GenerationConfig
 
-    reference, model, folder = models
     defaults = GenerationConfig._get_default_generation_params()  # what transformers uses for fields left unset
-    for ours, theirs in [(model, reference),  # a folder with transformers' generation_config.json
-                         (VipLlava.from_pretrained(hub_checkpoint, verbose=False), GenerationConfig())]:  # none
-        for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_length"):
-            value = getattr(theirs.generation_config if hasattr(theirs, "generation_config") else theirs, name)
-            assert getattr(ours.generation_config, name) == (defaults[name] if value is None else value), name
-    assert model.generation_config.top_k == 50 and model.generation_config.do_sample is False
+    folder = shutil.copytree(hub_checkpoint, tmp_path / "with-generation-config")
+    GenerationConfig(do_sample=True, top_k=7, temperature=0.6, repetition_penalty=1.2, max_new_tokens=9,
+                     eos_token_id=[2, 5], pad_token_id=PAD_TOKEN).save_pretrained(folder)
+    for ours, theirs in [(VipLlava.from_pretrained(folder, verbose=False), GenerationConfig.from_pretrained(folder)),
+                         (VipLlava.from_pretrained(hub_checkpoint, verbose=False), GenerationConfig())]:  # no file
+        for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_length",
+                     "max_new_tokens", "eos_token_id", "pad_token_id"):
+            value = getattr(theirs, name)
+            assert getattr(ours.generation_config, name) == (defaults.get(name) if value is None else value), name
+    assert ours.generation_config.top_k == 50 and ours.generation_config.do_sample is False
 
 
 def test_generate_follows_the_checkpoints_generation_config(models, tmp_path):
