@@ -349,14 +349,14 @@ class TextTokenizer:
         """{"input_ids", "attention_mask"}: lists (one row for a string), or (B, T) tensors padded on
         `padding_side` with return_tensors="pt"."""
         rows = [self.encode(t, add_special_tokens) for t in ([text] if isinstance(text, str) else text)]
-        if return_tensors is not None:
-            check_return_tensors(return_tensors)
-            return dict(zip(("input_ids", "attention_mask"), pad(rows, self.pad_token_id, self.padding_side, padding)))
-        if padding:
-            out = {k: v.tolist() for k, v in zip(("input_ids", "attention_mask"), pad(rows, self.pad_token_id,
-                                                                                       self.padding_side, padding))}
-        else:
+        if return_tensors is None and not padding:
             out = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+        else:
+            input_ids, attention_mask = pad(rows, self.pad_token_id, self.padding_side, padding)
+            if return_tensors is not None:
+                check_return_tensors(return_tensors)
+                return {"input_ids": input_ids, "attention_mask": attention_mask}
+            out = {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist()}
         return {k: v[0] for k, v in out.items()} if isinstance(text, str) else out
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
