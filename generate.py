@@ -64,7 +64,8 @@ def check_sampling(temperature: float, top_k: int = 0, top_p: float = 1.0, repet
 @dataclass
 class GenerationConfig:
     """`model.generation_config`: generation_config.json's settings, transformers' defaults for those it leaves
-    out. `generate` takes each argument not given from here (the token ids falling back to config.json's)."""
+    out. `generate` takes the sampling settings, max_new_tokens and eos_token_id from here when not given
+    (finished rows are padded with config.json's pad_token_id, as ChatSession expects)."""
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 50  # used when sampling: transformers samples from the 50 most likely tokens unless told otherwise
