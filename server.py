@@ -451,8 +451,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights while loading")
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
-                   help="with --quantize int4: inputs that share one scale (default 128, as cli.py)")
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256],
+                   help="with --quantize int4: inputs per scale and zero point (default: from_pretrained's, as cli.py)")
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="largest request body (413 above)")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest image (413 above)")
@@ -465,8 +465,9 @@ def load(args):
     from vipllava import VipLlava
 
     processor = VipLlavaProcessor.from_pretrained(args.model)
+    group_size = {} if args.group_size is None else {"group_size": args.group_size}  # else from_pretrained's default
     model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                     group_size=args.group_size)
+                                     **group_size)
     return model, processor
 
 

@@ -284,7 +284,7 @@ def test_group_size_reaches_the_int4_model(checkpoint):
     args = server.parse_args(["--model", str(checkpoint), "--quantize", "int4", "--group-size", "32"])
     model, _ = server.load(args)
     assert model.quantization == {"weights": "int4", "group_size": 32}
-    assert server.parse_args(["--quantize", "int4"]).group_size == 128  # cli.py's default
+    assert server.parse_args(["--quantize", "int4"]).group_size is None  # from_pretrained's default, as cli.py
 
 
 def test_models_lists_the_served_model(client, checkpoint):
