@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens an answer may have")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens reaching this probability (1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0: off; default: "
+                   "the checkpoint's generation_config.json, else 50 as in transformers)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -119,7 +120,7 @@ def parse_args(argv=None):
     if args.image == "":
         p.error("--image is empty: give an image file or URL, or leave --image out to ask without an image")
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
+        check_sampling(args.temperature, args.top_k or 0, args.top_p)
     except ValueError as e:
         p.error(f"--{str(e).replace('_', '-')}")
     if args.questions or args.answers or args.merge:

@@ -5,10 +5,11 @@ what to do with them.
       -> sample a token -> feed it back (one position through the cache) -> ... until EOS, a stop string
       or max_new_tokens
 
-Pieces, small to large: `check_sampling` and `sample` (greedy, temperature, top-k, top-p; the repetition
-penalty), `StopStrings` (streams text without ever printing part of a stop string), `generate` (the decode
-loop: prefill, then one token per step, optionally through a torch.compile'd step), and `ChatSession`
-(a conversation about one image that keeps its KV cache between turns).
+Pieces, small to large: `GenerationConfig` (generation_config.json, transformers' defaults), `check_sampling`
+and `sample` (greedy, temperature, top-k, top-p; the repetition penalty), `StopStrings` (streams text
+without ever printing part of a stop string), `generate` (the decode loop: prefill, then one token per step,
+optionally through a torch.compile'd step), and `ChatSession` (a conversation about one image that keeps
+its KV cache between turns).
 
 Quirks worth knowing:
 - `generate` returns only the new ids (transformers returns the prompt too); EOS stays in the output,
@@ -20,9 +21,11 @@ Quirks worth knowing:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +59,41 @@ def check_sampling(temperature: float, top_k: int = 0, top_p: float = 1.0, repet
     if do_sample is False:
         return 0.0
     return 1.0 if do_sample and temperature == 0 else float(temperature)
+
+
+@dataclass
+class GenerationConfig:
+    """`model.generation_config`: generation_config.json's settings, transformers' defaults for those it leaves
+    out. `generate` takes the sampling settings, max_new_tokens and eos_token_id from here when not given
+    (finished rows are padded with config.json's pad_token_id, as ChatSession expects)."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50  # used when sampling: transformers samples from the 50 most likely tokens unless told otherwise
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None  # None: generate's own default, 256 (transformers' max_length 20 is not used)
+    max_length: int = 20
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationConfig":  # unknown keys (num_beams, ...) are ignored
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+
+def sampling_settings(config: GenerationConfig, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+                      do_sample=None) -> tuple:
+    """(temperature (0: greedy), top_k, top_p, repetition_penalty) with each argument left None taken from the
+    generation config. Without do_sample, a temperature > 0 given here samples, else the config decides."""
+    if do_sample is None:
+        do_sample = temperature > 0 if temperature is not None else config.do_sample
+    if temperature is None or do_sample and temperature == 0:  # do_sample=True alone: the config's temperature
+        temperature = config.temperature
+    top_k, top_p = config.top_k if top_k is None else top_k, config.top_p if top_p is None else top_p
+    repetition_penalty = config.repetition_penalty if repetition_penalty is None else repetition_penalty
+    return check_sampling(temperature, top_k, top_p, repetition_penalty, do_sample), top_k, top_p, repetition_penalty
 
 
 def penalize_repetition(logits, seen, penalty: float):
@@ -135,8 +173,10 @@ class StopStrings:
 
 
 # ---------------------------------------------------------------------------- the decode loop
-def pad_id(config, eos=None) -> int:
-    """The id that finished rows are padded with: the model's pad id, else the first EOS id."""
+def pad_id(config, eos=None, pad_token_id=None) -> int:
+    """The id that finished rows are padded with: pad_token_id if given, the model's pad id, else the first EOS id."""
+    if pad_token_id is not None:
+        return pad_token_id
     if config.pad_token_id is not None:
         return config.pad_token_id
     return int(torch.tensor(config.text_config.eos_token_id if eos is None else eos).flatten()[0])
@@ -148,18 +188,21 @@ def queue_ahead(device: torch.device) -> bool:
 
 
 @torch.inference_mode()
-def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             eos_token_id=None, stop_strings=None, seed=None, streamer=None, tokenizer=None,
-             image_features=None, input_pos: int = 0, keep_cache: bool = False, do_sample=None):
+def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None, eos_token_id=None, stop_strings=None, seed=None, streamer=None,
+             tokenizer=None, image_features=None, input_pos: int = 0, keep_cache: bool = False, do_sample=None,
+             max_length: int | None = None, pad_token_id: int | None = None):
     """New token ids (B, N), the prompt not included (transformers returns both): one prefill, then one
     token per step through the KV cache.
 
-    Greedy when temperature is 0; `do_sample` as in transformers (see `check_sampling`). Without
-    attention_mask, rows that start with the pad id are left padding (see `check_inputs`). Rows stop on
-    their own (EOS, kept in the output as transformers does, or a stop string, cut from it); finished
-    rows are padded. `stop_strings` and `streamer` (a callable fed row 0's text as it becomes final)
-    need `tokenizer` (the processor).
+    Arguments left None come from `model.generation_config` (see `sampling_settings`): greedy unless a
+    temperature > 0 or `do_sample=True` is given; sampling keeps the config's top_k (50 by default, as
+    transformers). max_new_tokens defaults to 256; `max_length` (prompt + new, as transformers) is the other
+    way to say it. Without attention_mask, rows that start with the pad id are left padding (see
+    `check_inputs`). Rows stop on their own (EOS, kept in the output as transformers does, or a stop string,
+    cut from it); finished rows are padded (with pad_token_id if given). `stop_strings` and `streamer`
+    (a callable fed row 0's text as it becomes final) need `tokenizer` (the processor).
 
     Continuing (what ChatSession does): `keep_cache=True` leaves the KV cache allocated and filled, and
     a later call with `input_pos=P` prefills only its input_ids, at positions P.., after the P positions
@@ -167,9 +210,9 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     CACHE_STEP positions. `image_features` (from get_image_features) replace pixel_values.
     The repetition penalty sees input_ids only, not the cached positions.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    temperature = check_sampling(temperature, top_k, top_p, repetition_penalty, do_sample)
+    config = model.generation_config
+    temperature, top_k, top_p, repetition_penalty = sampling_settings(config, temperature, top_k, top_p,
+                                                                      repetition_penalty, do_sample)
     if input_pos:  # a continued cache: the mask (if any) covers the cached positions too
         model.check_inputs(input_ids, pixel_values)
     else:
@@ -178,6 +221,15 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
         raise ValueError("stop_strings and streamer need tokenizer= (a VipLlavaProcessor) to read the text")
     B, T = input_ids.shape
     P = input_pos + T  # positions in the cache once the prompt is in
+    if max_new_tokens is None and max_length is not None:
+        if max_length <= P:
+            raise ValueError(f"max_length={max_length} counts the prompt's {P} tokens too (as in transformers) and "
+                             f"leaves no room for new ones: raise it, or give max_new_tokens instead")
+        max_new_tokens = max_length - P
+    if max_new_tokens is None:
+        max_new_tokens = config.max_new_tokens or 256
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     lm, context = model.language_model, model.config.text_config.max_position_embeddings
     if P + max_new_tokens > context:
         raise ValueError(f"the prompt has {P} tokens; with max_new_tokens={max_new_tokens} that is "
@@ -188,9 +240,9 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
                          f"but the model holds {lm.cache_length(B)}: call generate with keep_cache=True first")
     device = lm.model.embed_tokens.weight.device
     input_ids = input_ids.to(device)
-    eos = torch.tensor(eos_token_id if eos_token_id is not None else model.config.text_config.eos_token_id,
-                       device=device).flatten()
-    pad = pad_id(model.config, eos)
+    eos = [e for e in (eos_token_id, config.eos_token_id, model.config.text_config.eos_token_id) if e is not None]
+    eos = torch.tensor(eos[0] if eos else [], device=device).flatten()
+    pad = pad_id(model.config, eos, pad_token_id)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     mask = None  # no padding: no mask tensor, so SDPA may take its flash path
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -289,9 +341,10 @@ class ChatSession:
         self.last_prefill_tokens = self.last_new_tokens = self.last_dropped = 0
         self.last_token_ids, self.last_time_to_first_token, self.last_seconds = [], 0.0, 0.0
 
-    def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-            top_p: float = 1.0, seed=None, streamer=None) -> str:
-        """The answer to `question` (stripped), streamed piece by piece to `streamer` if given."""
+    def ask(self, question: str, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
+            top_p: float | None = None, seed=None, streamer=None) -> str:
+        """The answer to `question` (stripped), streamed piece by piece to `streamer` if given. Sampling
+        arguments left None come from the model's generation config, as in `generate` (greedy by default)."""
         refuse_image_token(question, "the question", "the session's image is given once, to ChatSession(image=...)")
         first = not any(m["role"] == "user" for m in self.conversation)
         content = [{"type": "image"}] * (first and self.image is not None) + [{"type": "text", "text": question}]

@@ -235,8 +235,7 @@ class ImageProcessor:
         self.image_mean, self.image_std = list(config.image_mean), list(config.image_std)
 
     def __call__(self, images, image_mode: str | None = None, return_tensors: str = "pt") -> dict:
-        if return_tensors != "pt":
-            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
+        check_return_tensors(return_tensors)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images: pass one image or a list of them")
@@ -304,31 +303,97 @@ def render_chat(conversation: list, add_generation_prompt: bool = False, templat
 
 
 # ---------------------------------------------------------------------------- the processor
-def read_json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON ({e}): download it again") from e
+def check_return_tensors(return_tensors):
+    if return_tensors != "pt":
+        raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
+
+
+def pad(rows: list[list[int]], pad_id: int, side: str = "left", padding=True) -> tuple:
+    """(input_ids, attention_mask), each (B, T): the rows padded to the longest on `side`. Left by default, so
+    that every row's next token is generated at the same, last, position. `padding` is transformers' argument:
+    True/"longest"/False are accepted (a batch is always padded to its longest row)."""
+    if padding not in (True, False, "longest", "do_not_pad") or side not in ("left", "right"):
+        raise ValueError(f"padding={padding!r} on the {side!r}: only padding to the longest row (padding=True) is "
+                         f"supported, on the 'left' (for generate) or the 'right'")
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        at = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        input_ids[b, at], attention_mask[b, at] = torch.tensor(r, dtype=torch.long), 1
+    return input_ids, attention_mask
+
+
+class TextTokenizer:
+    """`processor.tokenizer`: the checkpoint's `tokenizers.Tokenizer` (its `backend_tokenizer`, as transformers
+    names it) with transformers' tokenizer calls; other attributes (token_to_id, get_vocab, ...) are the backend's."""
+
+    def __init__(self, backend: Tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>",
+                 padding_side: str = "left"):
+        self.backend_tokenizer, self.padding_side = backend, padding_side
+        self.pad_token, self.eos_token, self.bos_token, self.unk_token = pad_token, eos_token, bos_token, unk_token
+        self.pad_token_id, self.eos_token_id, self.bos_token_id, self.unk_token_id = (
+            backend.token_to_id(t) for t in (pad_token, eos_token, bos_token, unk_token))
+        self.special_ids = {backend.token_to_id(t) for t in SPECIAL_TOKENS} - {None}  # what skip_special_tokens drops
+
+    def __getattr__(self, name):  # token_to_id, id_to_token, get_vocab_size...: the tokenizers.Tokenizer's own
+        if name == "backend_tokenizer":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.backend_tokenizer, name)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text, add_special_tokens: bool = True, padding=False, return_tensors=None) -> dict:
+        """{"input_ids", "attention_mask"}: lists (one row for a string), or (B, T) tensors padded on
+        `padding_side` with return_tensors="pt"."""
+        rows = [self.encode(t, add_special_tokens) for t in ([text] if isinstance(text, str) else text)]
+        if return_tensors is None and not padding:
+            out = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+        else:
+            input_ids, attention_mask = pad(rows, self.pad_token_id, self.padding_side, padding)
+            if return_tensors is not None:
+                check_return_tensors(return_tensors)
+                return {"input_ids": input_ids, "attention_mask": attention_mask}
+            out = {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist()}
+        return {k: v[0] for k, v in out.items()} if isinstance(text, str) else out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        # The tokenizer.json decoder applies the Llama rules: "▁" -> " ", bytes fused into UTF-8 characters,
+        # and one leading space dropped from the start of the text.
+        return self.backend_tokenizer.decode(ids, skip_special_tokens=False)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
 
 class VipLlavaProcessor:
-    def __init__(self, tokenizer: Tokenizer, image_config: ImageConfig = ImageConfig(), image_seq_length: int = 576,
-                 context_length: int = 2048, image_mode: str = "pad", pad_token: str = "<pad>",
-                 chat_template: str | None = None):
+    def __init__(self, tokenizer: Tokenizer | TextTokenizer, image_config: ImageConfig = ImageConfig(),
+                 image_seq_length: int = 576, context_length: int = 2048, image_mode: str = "pad",
+                 pad_token: str = "<pad>", chat_template: str | None = None):
         if image_mode not in ("pad", "crop"):
             raise ValueError(f"image_mode must be 'pad' (ViP-LLaVA training) or 'crop' (transformers), "
                              f"got {image_mode!r}")
+        tokenizer = tokenizer if isinstance(tokenizer, TextTokenizer) else TextTokenizer(tokenizer, pad_token)
         self.tokenizer, self.image_config = tokenizer, image_config
         self.image_processor = ImageProcessor(image_config, image_mode)
         self.image_seq_length, self.context_length, self.chat_template = image_seq_length, context_length, chat_template
-        self.image_token_id, self.pad_token_id = tokenizer.token_to_id(IMAGE_TOKEN), tokenizer.token_to_id(pad_token)
-        if self.image_token_id is None or self.pad_token_id is None:
-            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} or {pad_token!r} token: use the tokenizer.json "
-                             f"of a VipLlava checkpoint (llava-hf/vip-llava-7b-hf)")
-        self.special_ids = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS} - {None}
+        self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        if self.image_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} or {tokenizer.pad_token!r} token: use the "
+                             f"tokenizer.json of a VipLlava checkpoint (llava-hf/vip-llava-7b-hf)")
+        self.special_ids = tokenizer.special_ids
         self.byte_ids = {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-F]{2}>", t)}
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, image_mode: str = "pad") -> "VipLlavaProcessor":
@@ -342,22 +407,29 @@ class VipLlavaProcessor:
             raise ValueError(f"{file} does not load as a tokenizer ({str(e).splitlines()[0] if str(e) else e!r}): "
                              f"download it again") from e
         config = weights.read_config(folder) if (folder / "config.json").is_file() else {}
-        tokenizer_config = read_json(folder / "tokenizer_config.json")
-        processor_config = read_json(folder / "processor_config.json")
-        special_tokens = read_json(folder / "special_tokens_map.json")
-        pad = special_tokens.get("pad_token") or tokenizer_config.get("pad_token") or "<pad>"
-        image_config = ImageConfig.from_dict(read_json(folder / "preprocessor_config.json"))
+        tokenizer_config = weights.read_json(folder / "tokenizer_config.json")
+        processor_config = weights.read_json(folder / "processor_config.json")
+        special_tokens = weights.read_json(folder / "special_tokens_map.json")
+        def token(name, default):  # as transformers reads them: the special tokens map, then tokenizer_config.json
+            t = special_tokens.get(name) or tokenizer_config.get(name) or default
+            return t["content"] if isinstance(t, dict) else t
+
+        tokenizer = TextTokenizer(tokenizer, token("pad_token", "<pad>"), token("eos_token", "</s>"),
+                                  token("bos_token", "<s>"), token("unk_token", "<unk>"))
+        image_config = ImageConfig.from_dict(weights.read_json(folder / "preprocessor_config.json"))
         # The real config.json has no image_seq_length: the vision tower gives (336 / 14)**2 = 576 positions.
         patch = processor_config.get("patch_size") or config.get("vision_config", {}).get("patch_size", 14)
         h, w = image_config.crop_size
         seq = config.get("image_seq_length") or (h // patch) * (w // patch)
-        context = config.get("text_config", {}).get("max_position_embeddings", 2048)  # the Llama default
-        template = (read_json(folder / "chat_template.json").get("chat_template")
+        context = config.get("text_config", {}).get("max_position_embeddings")
+        if context is None:  # save_pretrained writes it as model_max_length; transformers' "no limit" is 1e30
+            limit = tokenizer_config.get("model_max_length", 2048)
+            context = limit if limit < 10**9 else 2048  # the Llama default
+        template = (weights.read_json(folder / "chat_template.json").get("chat_template")
                     or tokenizer_config.get("chat_template") or processor_config.get("chat_template"))
         if template is None and (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
-        processor = cls(tokenizer, image_config, seq, context, image_mode,
-                        pad["content"] if isinstance(pad, dict) else pad, template)
+        processor = cls(tokenizer, image_config, seq, context, image_mode, chat_template=template)
         if config.get("image_token_index", processor.image_token_id) != processor.image_token_id:
             raise ValueError(f"config.json says image_token_index {config['image_token_index']} but tokenizer.json has "
                              f"{IMAGE_TOKEN} = {processor.image_token_id}: the files come from different checkpoints")
@@ -381,9 +453,11 @@ class VipLlavaProcessor:
         ends = np.cumsum([0] + counts)
         return [images[a:b] for a, b in zip(ends[:-1], ends[1:])]
 
-    def __call__(self, text, images=None, image_mode: str | None = None, return_tensors: str = "pt") -> dict:
-        if return_tensors != "pt":
-            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
+    def __call__(self, text, images=None, image_mode: str | None = None, return_tensors: str = "pt",
+                 padding=True) -> dict:
+        """{"input_ids", "attention_mask"} (B, T), padded on tokenizer.padding_side ("left": for generate), and
+        "pixel_values" (N, 3, H, W) when there are images. `padding` is accepted as transformers users pass it."""
+        check_return_tensors(return_tensors)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no text: pass a prompt string or a list of them")
@@ -397,13 +471,7 @@ class VipLlavaProcessor:
                                  f"{self.image_seq_length}, more than the model's context of {self.context_length}: "
                                  f"shorten the text or use fewer images")
             rows.append(ids)
-        # Pad on the left, so that every row's next token is generated at the same, last, position.
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
-        for b, r in enumerate(rows):
-            input_ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            attention_mask[b, T - len(r):] = 1
+        input_ids, attention_mask = pad(rows, self.pad_token_id, self.tokenizer.padding_side, padding)
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         flat = [image for imgs in per_text for image in imgs]
         if flat:  # no key at all for text-only input, as in transformers
@@ -420,28 +488,64 @@ class VipLlavaProcessor:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one prompt, as __call__ makes them: each <image> expanded, then tokenized (with <s>)."""
-        return self.tokenizer.encode(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_length)).ids
+        return self.tokenizer.encode(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_length))
 
-    def apply_chat_template(self, conversation: list, add_generation_prompt: bool = False,
-                            template: str | None = None) -> str:
-        """The prompt for `conversation` (transformers' message format); see `render_chat` for the templates."""
+    def apply_chat_template(self, conversation: list, add_generation_prompt: bool = False, template: str | None = None,
+                            tokenize: bool = False, return_dict: bool = False, images=None, return_tensors="pt"):
+        """The prompt for `conversation` (transformers' message format); see `render_chat` for the templates.
+        tokenize=True, as transformers: the processor's output for it (input_ids alone unless return_dict), with
+        the images given here or in the image items ({"type": "image", "image"/"url"/"path": ...})."""
         if template is None:
             if self.chat_template not in (None, VIPLLAVA_CHAT_TEMPLATE):
                 raise ValueError("this checkpoint's chat template is not the ViP-LLaVA one reproduced here: choose a "
                                  "format with template='vipllava' (hub) or template='llava_v1' (original training)")
             template = "vipllava"
-        return render_chat(conversation, add_generation_prompt, template)
+        prompt = render_chat(conversation, add_generation_prompt, template)
+        if not tokenize:
+            return prompt
+        items = [c for m in conversation if isinstance(m.get("content"), list) for c in m["content"]]
+        if images is None:
+            images = [c[k] for c in items if c.get("type") == "image" for k in ("image", "url", "path") if k in c]
+        out = self(prompt, images=images or None, return_tensors=return_tensors)
+        return out if return_dict else out["input_ids"]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
-        if skip_special_tokens:
-            ids = [i for i in ids if i not in self.special_ids]
-        # The tokenizer.json decoder applies the Llama rules: "▁" -> " ", bytes fused into UTF-8 characters,
-        # and one leading space dropped from the start of the text.
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
-        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens)
+
+    def save_pretrained(self, folder) -> Path:
+        """Write the files from_pretrained (ours or transformers' LlavaProcessor) reads: tokenizer, image processor,
+        processor config, chat template. image_mode is a loading choice, not saved."""
+        folder, t, c = Path(folder), self.tokenizer, self.image_config
+        folder.mkdir(parents=True, exist_ok=True)
+        t.backend_tokenizer.save(str(folder / "tokenizer.json"))
+        h, w = c.crop_size
+        patch = h // math.isqrt(self.image_seq_length)  # (h / patch) * (w / patch) positions per image
+        files = {
+            "tokenizer_config.json": {
+                "tokenizer_class": "PreTrainedTokenizerFast", "processor_class": "LlavaProcessor",
+                "bos_token": t.bos_token, "eos_token": t.eos_token, "unk_token": t.unk_token, "pad_token": t.pad_token,
+                "padding_side": t.padding_side, "model_max_length": self.context_length,
+                "clean_up_tokenization_spaces": False},
+            "preprocessor_config.json": {
+                "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+                "do_resize": True, "size": {"shortest_edge": c.shortest_edge}, "resample": c.resample,
+                "do_center_crop": True, "crop_size": {"height": h, "width": w}, "do_rescale": True,
+                "rescale_factor": c.rescale_factor, "do_normalize": True, "image_mean": list(c.image_mean),
+                "image_std": list(c.image_std), "do_convert_rgb": True},
+            "processor_config.json": {
+                "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": patch,
+                "num_additional_image_tokens": 1, "vision_feature_select_strategy": "default"},
+            "chat_template.json": {"chat_template": self.chat_template or VIPLLAVA_CHAT_TEMPLATE},
+        }
+        if (h // patch) * (w // patch) != self.image_seq_length:
+            raise ValueError(f"{self.image_seq_length} positions per image do not tile a {h}x{w} image with square "
+                             f"patches: transformers' LlavaProcessor could not read this processor back")
+        for name, obj in files.items():
+            (folder / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        return folder
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)

@@ -200,7 +200,7 @@ def plan(entries: list, done: set, processor, args, context: int) -> tuple[list,
         conversation = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         e.prompt = processor.apply_chat_template(conversation + [{"role": "user", "content": content}],
                                                  add_generation_prompt=True, template=args.template)
-        e.length = len(processor.tokenizer.encode(e.prompt.replace("<image>", "<image>" * processor.image_seq_length)).ids)
+        e.length = len(processor.encode(e.prompt))  # each <image> expanded, as the processor tokenizes it
         if e.length + args.max_new_tokens > context:
             errors.append(error_record(e, f"the prompt has {e.length} tokens; with --max-new-tokens "
                                           f"{args.max_new_tokens} that is more than the model's context of {context}"))

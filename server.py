@@ -45,15 +45,23 @@ STOP = ["###"]  # the vipllava template's turn separator: the answer ends where 
 class APIError(Exception):
     """An error the client caused (or 503): becomes OpenAI's {"error": {...}} with this HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
-            503: "service_unavailable"}.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = {413: "request_too_large", 503: "service_unavailable"}.get(status)  # the rest as OpenAI types them
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def check_model(body, model_id: str):
+    """OpenAI's 404 model_not_found for a `model` this server does not serve; its id and short name both answer."""
+    name = body.get("model") if isinstance(body, dict) else None
+    if name is not None and name not in (model_id, model_id.rstrip("/").rsplit("/", 1)[-1]):
+        raise APIError(404, f"the model {name!r} does not exist here: this server serves {model_id!r} (GET /v1/models)",
+                       "model", "model_not_found")
 
 
 # ---------------------------------------------------------------------------- images
@@ -170,6 +178,10 @@ def parse_request(body, max_pixels: int, allow_urls: bool) -> Chat:
         raise APIError(400, "n must be 1: this server gives one answer per request", "n")
     if body.get("tools"):
         raise APIError(400, "tools are not supported by this model", "tools")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise APIError(400, f"response_format {response_format!r} is not supported: this model answers in plain text "
+                       f"(leave response_format out, or send {{'type': 'text'}})", "response_format")
     conversation, images = [], []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -194,7 +206,8 @@ def parse_request(body, max_pixels: int, allow_urls: bool) -> Chat:
                 items.append({"type": "image"})
             else:
                 raise APIError(400, f"{where}.content[{j}] must be {{'type': 'text', 'text': ...}}"
-                               + (" or an image_url part" if role == "user" else f" (a {role} message has no images)"),
+                               + (" or an image_url part" if role == "user" else
+                                  f" ({'an' if role == 'assistant' else 'a'} {role} message has no images)"),
                                where)
         conversation.append({"role": role, "content": items})
     if conversation[0]["role"] != "system":  # the system line the model was trained with, as the command line adds
@@ -300,11 +313,14 @@ def make_app(backend: Backend, model_id: str, max_body_mb: float = MAX_BODY_MB,
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(error_body(e.status, e.message, e.param), status_code=e.status)
+        return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
 
     @app.exception_handler(HTTPException)  # 404, 405: the same JSON shape
     async def http_error(request, e: HTTPException):
-        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+        message = str(e.detail)
+        if e.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}: use {e.headers.get('Allow', 'POST')}"
+        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def bug(request, e: Exception):  # the traceback goes to the server's log, never to the client
@@ -358,6 +374,7 @@ def make_app(backend: Backend, model_id: str, max_body_mb: float = MAX_BODY_MB,
     async def completions(request: Request):
         backend.check_ready()
         body = await read_json(request)
+        check_model(body, model_id)
         chat = await run_in_threadpool(parse_request, body, max_pixels, allow_urls)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
         if not chat.stream:
@@ -434,18 +451,29 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights while loading")
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256],
+                   help="with --quantize int4: inputs per scale and zero point (default 128, or the largest that "
+                        "divides a small model's layer widths)")
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="largest request body (413 above)")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest image (413 above)")
     return p.parse_args(argv)
 
 
+def load(args):
+    """(model, processor) as the command line asks for them."""
+    from processor import VipLlavaProcessor
+    from vipllava import VipLlava
+
+    processor = VipLlavaProcessor.from_pretrained(args.model)
+    model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                     group_size=args.group_size)
+    return model, processor
+
+
 def main(argv=None):
     args = parse_args(argv)
     import uvicorn
-
-    from processor import VipLlavaProcessor
-    from vipllava import VipLlava
 
     try:
         weights.resolve_device(args.device)  # fail now, not in the loading thread
@@ -453,14 +481,9 @@ def main(argv=None):
         log(f"server.py: error: {e}")
         sys.exit(2)
 
-    def load():
-        processor = VipLlavaProcessor.from_pretrained(args.model)
-        model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-        return model, processor
-
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
-    backend = Backend(load, on_failure=lambda: setattr(server, "should_exit", True))
+    backend = Backend(lambda: load(args), on_failure=lambda: setattr(server, "should_exit", True))
     config.app = make_app(backend, args.model, args.max_body_mb, args.max_image_pixels, args.allow_urls)
     log(f"serving on http://{args.host}:{args.port}/ (the page) and http://{args.host}:{args.port}/v1 (the API); "
         f"loading {args.model}")

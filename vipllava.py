@@ -32,8 +32,9 @@ import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from generate import ChatSession  # noqa: F401  (re-exported: `from vipllava import ChatSession`)
 from llama import Llama, LlamaConfig
-from quantize import (DEFAULT_GROUP_SIZE, Linear, check_group_size, check_mode, choose_group_size, portable,
-                      quantization_config, quantize_language_model, saved_quantization, weight_bytes)
+from quantize import (DEFAULT_GROUP_SIZE, Int4Linear, Int8Linear, Linear, check_group_size, check_mode,
+                      choose_group_size, portable, quantization_config, quantize_language_model, saved_quantization,
+                      weight_bytes)
 
 DEFAULT_FEATURE_LAYERS = [-2, -5, -8, -11, 6]
 # transformers' VipLlavaConfig builds CLIP ViT-L/14-336 when config.json has no vision_config at all.
@@ -123,6 +124,7 @@ class VipLlava(nn.Module):
         self.language_model = Llama(config.text_config)
         self.compiled_step = None  # set by compile_decode
         self.source = self.raw_config = self.quantization = None  # set by from_pretrained, for save_pretrained
+        self.generation_config = generate.GenerationConfig()  # from_pretrained reads generation_config.json
 
     @property
     def dtype(self) -> torch.dtype:  # as transformers' model.dtype (the embedding's: never quantized)
@@ -131,6 +133,15 @@ class VipLlava(nn.Module):
     @property
     def device(self) -> torch.device:  # as transformers' model.device
         return self.language_model.model.embed_tokens.weight.device
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """As transformers' (nn.Embedding weights left out with exclude_embeddings); an int8/int4 layer counts its
+        in x out weights, as before quantization."""
+        skip = {f"{n}.weight" for n, m in self.named_modules() if exclude_embeddings and isinstance(m, nn.Embedding)}
+        n = sum(p.numel() for name, p in self.named_parameters()
+                if name not in skip and (p.requires_grad or not only_trainable))
+        quantized = (m for m in self.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+        return n + (0 if only_trainable else sum(m.in_features * m.out_features for m in quantized))
 
     def compile_decode(self, mode: str = "reduce-overhead"):
         """Decode through torch.compile'd `Llama.decode_step`: on CUDA one graph replay per token instead of
@@ -217,7 +228,8 @@ class VipLlava(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, quantize: str | None = None,
-                        group_size: int | None = None, verbose: bool = True, torch_dtype=None) -> "VipLlava":
+                        group_size: int | None = None, verbose: bool = True, torch_dtype=None,
+                        device_map=None) -> "VipLlava":
         """Load a checkpoint folder or hub id.
 
         dtype None/'auto': bfloat16 with `quantize`; on a CPU float32 if it fits in memory with room to spare,
@@ -225,11 +237,14 @@ class VipLlava(nn.Module):
         quantize 'int8' / 'int4' (groups of `group_size` inputs; None: 128, or the largest size that divides a
         small model's widths): the language model's Linears are quantized tensor by tensor while loading
         (quantize.py). A folder that save_pretrained wrote from a quantized model loads as it was saved.
+        `device_map` as transformers' ("auto", "cpu", "cuda:0", {"": 0}), for one device.
         """
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
                 raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: pass one of them (dtype)")
             dtype = torch_dtype
+        if device_map is not None:
+            device = weights.device_from_map(device_map, device)
         if quantize is not None:
             check_mode(quantize)
             if group_size is not None:
@@ -268,6 +283,8 @@ class VipLlava(nn.Module):
         weights.load_weights(model, folder, dtype, device, check=config.check_projector_shape, verbose=verbose,
                              quantizing=bool(mode) and not saved)
         model.source, model.raw_config = folder, raw
+        model.generation_config = generate.GenerationConfig.from_dict(
+            weights.read_json(folder / "generation_config.json"))
         model.quantization = {"weights": mode, "group_size": group_size} if mode else None
         return model.eval().requires_grad_(False)
 

@@ -91,14 +91,21 @@ def resolve(path_or_repo_id, allow_patterns=CONFIG_FILES + WEIGHT_FILES) -> Path
             f"small random checkpoint there (its answers are gibberish).") from e
 
 
-def read_config(folder: Path) -> dict:
-    file = Path(folder) / "config.json"
+def read_json(file: Path) -> dict:
+    """A JSON file's contents; {} if there is no such file."""
     if not file.is_file():
-        raise FileNotFoundError(f"no config.json in {folder}: is this a VipLlava checkpoint folder?")
+        return {}
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON ({e}): download it again") from e
+
+
+def read_config(folder: Path) -> dict:
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: is this a VipLlava checkpoint folder?")
+    return read_json(file)
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -217,6 +224,20 @@ def resolve_device(device=None) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {device}: use 'auto', 'cpu', 'cuda' or 'mps'")
     return device
+
+
+def device_from_map(device_map, device=None) -> torch.device:
+    """transformers' device_map ("auto", "cpu", "cuda:1", 0, or a dict of parts) as the one device it names."""
+    devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+    if len(devices) != 1:
+        raise ValueError(f"device_map places the model's parts on {len(devices)} devices "
+                         f"({sorted(map(str, devices))}): this loader keeps the whole model on one device; "
+                         f"pass one, e.g. device_map='cuda:0', or quantize='int4' to fit a small GPU")
+    mapped = devices.pop()
+    mapped = resolve_device(f"cuda:{mapped}" if isinstance(mapped, int) else mapped)
+    if device is not None and resolve_device(device) != mapped:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree: pass one of them")
+    return mapped
 
 
 def resolve_dtype(dtype, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:

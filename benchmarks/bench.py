@@ -265,7 +265,7 @@ def words_of(processor, n_tokens: int, offset: int = 0) -> str:
     text = ""
     for word in (CORPUS.split()[offset:] + CORPUS.split()) * 2:
         longer = (text + " " + word).strip()
-        n = len(processor.tokenizer.encode(longer, add_special_tokens=False).ids)
+        n = len(processor.tokenizer.encode(longer, add_special_tokens=False))
         if n <= n_tokens:  # a word that would overshoot is skipped: a shorter one comes along
             text = longer
         if n == n_tokens:

@@ -39,6 +39,7 @@ def data_url(raw: bytes, kind="png") -> str:
 
 CAT_URL = data_url(CAT.read_bytes())
 BOX = {"shape": "box", "coords": [125, 75, 215, 155], "color": "red"}
+MODEL = "tiny-random-vipllava"  # the short name of the served checkpoint folder (see `checkpoint`)
 
 
 def image_part(url=CAT_URL, marks=(BOX,)):
@@ -58,7 +59,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     # named so that the README's screenshot says what answered: random weights, gibberish answers
-    return tiny_checkpoint.write_checkpoint(tmp_path_factory.mktemp("server") / "tiny-random-vipllava", dtype="float32")
+    return tiny_checkpoint.write_checkpoint(tmp_path_factory.mktemp("server") / MODEL, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +119,13 @@ def cat_with_box():
 def test_answer_and_stream_equal_the_library_greedy_answer(client, library):
     expected, n_prompt, n_new = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 24)
     assert expected.strip()
-    r = client.chat.completions.create(model="vipllava", messages=[ask("What is in the red box?")], max_tokens=24)
+    r = client.chat.completions.create(model=MODEL, messages=[ask("What is in the red box?")], max_tokens=24)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected
     assert r.choices[0].finish_reason == ("length" if n_new == 24 else "stop")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, n_new, n_prompt + n_new)
 
-    chunks = list(client.chat.completions.create(model="vipllava", messages=[ask("What is in the red box?")],
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[ask("What is in the red box?")],
                                                  max_tokens=24, stream=True, stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -135,7 +136,7 @@ def test_answer_and_stream_equal_the_library_greedy_answer(client, library):
 
 
 def test_stream_is_server_sent_events_ending_with_done(url):
-    body = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "stream": True}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
@@ -148,7 +149,7 @@ def test_follow_up_question_sends_the_whole_conversation(client, library):
     history = [template_user("What is in the red box?"), {"role": "assistant", "content": [{"type": "text", "text": first}]},
                template_user("And what colour is it?", image=False)]
     expected, _, _ = library_answer(library, history, [cat_with_box()], 12)
-    r = client.chat.completions.create(model="m", max_tokens=12, messages=[
+    r = client.chat.completions.create(model=MODEL, max_tokens=12, messages=[
         ask("What is in the red box?"), {"role": "assistant", "content": first}, ask("And what colour is it?", False)])
     assert r.choices[0].message.content == expected
 
@@ -156,7 +157,7 @@ def test_follow_up_question_sends_the_whole_conversation(client, library):
 def test_text_only_string_content_and_seeded_sampling(client, library):
     expected, _, _ = library_answer(library, [template_user("Tell me a story.", image=False)], None, 16,
                                     temperature=1.0, top_p=0.9, seed=7)
-    answers = [client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me a story."}],
+    answers = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
                                               max_tokens=16, temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
                for _ in range(2)]
     assert answers == [expected, expected]
@@ -166,7 +167,7 @@ def test_stop_strings_end_the_answer(client, library):
     full, _, _ = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 24)
     stop = full.strip()[4:6]  # two characters from inside the answer
     expected, _, _ = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 24, [stop])
-    r = client.chat.completions.create(model="m", messages=[ask("What is in the red box?")], max_tokens=24, stop=stop)
+    r = client.chat.completions.create(model=MODEL, messages=[ask("What is in the red box?")], max_tokens=24, stop=stop)
     assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
     assert len(expected) < len(full) and stop not in expected
 
@@ -197,14 +198,14 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def chat(*messages, **extra):
-    return {"model": "m", "messages": list(messages), "max_tokens": 4, **extra}
+    return {"model": MODEL, "messages": list(messages), "max_tokens": 4, **extra}
 
 
 LONG = " ".join(["word"] * 3000)  # more than the tiny model's context of 2048 tokens
 ERRORS = {  # name: (body as JSON or raw bytes, status)
     "bad JSON": (b'{"model": "m", "messages": [', 400),
     "body not an object": ([1, 2], 400),
-    "no messages": ({"model": "m", "messages": []}, 400),
+    "no messages": ({"model": MODEL, "messages": []}, 400),
     "unknown role": (chat({"role": "robot", "content": "hi"}), 400),
     "image that does not decode": (chat(ask("hi", image_part(data_url(b"not an image at all"), []))), 400),
     "image data that is not base64": (chat(ask("hi", image_part("data:image/png;base64,@@@@", []))), 400),
@@ -221,6 +222,8 @@ ERRORS = {  # name: (body as JSON or raw bytes, status)
     "max_tokens < 1": (chat(ask("hi"), max_tokens=0), 400),
     "temperature out of range": (chat(ask("hi"), temperature=5), 400),
     "n > 1": (chat(ask("hi"), n=2), 400),
+    "response_format json_object": (chat(ask("hi"), response_format={"type": "json_object"}), 400),
+    "a model this server does not serve": ({**chat(ask("hi")), "model": "gpt-4o"}, 404),
     "body over 20 MB": (b'{"model": "m", "pad": "' + b"x" * (21 * 2**20) + b'"}', 413),
     "image over the pixel limit": (chat(ask("hi", image_part(data_url(png_claiming(10_000, 10_000)), []))), 413),
     "image over Pillow's bomb limit": (chat(ask("hi", image_part(data_url(png_claiming(30_000, 30_000)), []))), 413),
@@ -236,13 +239,53 @@ def test_errors_have_their_status_and_the_server_keeps_serving(url, client, name
         assert r.status_code == status, r.text
         error = r.json()["error"]
         assert error["message"] and "Traceback" not in r.text and error["type"]
-    ok = client.chat.completions.create(model="m", messages=[ask("What is in the red box?")], max_tokens=3)
+    ok = client.chat.completions.create(model=MODEL, messages=[ask("What is in the red box?")], max_tokens=3)
     assert ok.choices[0].message.content is not None
 
 
 def test_unknown_path_is_a_json_404(url):
     r = httpx.get(f"{url}/v1/nothing", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_unknown_model_is_openais_404_and_the_served_id_and_short_name_answer(url, checkpoint):
+    r = httpx.post(f"{url}/v1/chat/completions", json={**chat(ask("hi", False)), "model": "gpt-4o"}, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 404 and error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+    assert "'gpt-4o'" in error["message"] and MODEL in error["message"] and error["param"] == "model"
+    for name in (str(checkpoint), MODEL, None):  # the id /v1/models lists, its short name, or none at all
+        body = {**chat(ask("hi", False)), "model": name}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_response_format_other_than_text_is_refused_and_text_accepted(url):
+    r = httpx.post(f"{url}/v1/chat/completions", json=chat(ask("hi", False), response_format={"type": "json_object"}),
+                   timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and "is not supported" in error["message"] and error["param"] == "response_format"
+    ok = httpx.post(f"{url}/v1/chat/completions", json=chat(ask("hi", False), response_format={"type": "text"}),
+                    timeout=60)
+    assert ok.status_code == 200
+
+
+def test_get_on_the_chat_endpoint_is_405_invalid_request(url):
+    r = httpx.get(f"{url}/v1/chat/completions", timeout=10)
+    error = r.json()["error"]
+    assert r.status_code == 405 and error["type"] == "invalid_request_error"
+    assert error["message"] == "GET is not allowed on /v1/chat/completions: use POST" and r.headers["allow"] == "POST"
+
+
+def test_an_image_in_an_assistant_message_is_refused_in_english(url):
+    body = chat(ask("hi"), {"role": "assistant", "content": [image_part()]})
+    message = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["error"]["message"]
+    assert "(an assistant message has no images)" in message
+
+
+def test_group_size_reaches_the_int4_model(checkpoint):
+    args = server.parse_args(["--model", str(checkpoint), "--quantize", "int4", "--group-size", "32"])
+    model, _ = server.load(args)
+    assert model.quantization == {"weights": "int4", "group_size": 32}
+    assert server.parse_args(["--quantize", "int4"]).group_size is None  # from_pretrained's default, as cli.py
 
 
 def test_models_lists_the_served_model(client, checkpoint):
@@ -257,10 +300,11 @@ def test_concurrent_requests_all_complete_with_the_same_answer(client, library):
         try:
             messages = [ask("What is in the red box?")]
             if i % 2:
-                stream = client.chat.completions.create(model="m", messages=messages, max_tokens=16, stream=True)
+                stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stream=True)
                 results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             else:
-                results[i] = client.chat.completions.create(model="m", messages=messages, max_tokens=16).choices[0].message.content
+                answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16)
+                results[i] = answer.choices[0].message.content
         except Exception as e:  # reported below, so that a failure names its request
             errors.append((i, e))
 
@@ -284,7 +328,7 @@ def test_503_while_the_model_loads_then_answers(library):
 
     backend = server.Backend(load)
     body = chat({"role": "user", "content": "Hello"})
-    with TestClient(server.make_app(backend, "m")) as http:
+    with TestClient(server.make_app(backend, MODEL)) as http:
         for path in ("/v1/chat/completions", "/health"):
             r = http.post(path, json=body) if "chat" in path else http.get(path)
             assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
