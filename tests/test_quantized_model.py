@@ -234,6 +234,7 @@ def test_peak_memory_of_quantizing_while_loading(tmp_path):
         # And tighter than the issue asks, so that a float16 copy of the whole model (290 MB) would fail here.
         assert m["growth"] <= m["weight_bytes"] + 200 * MB, f"{mode}: {m}"
         # save_pretrained turns int4 layers portable in their own bytes, one at a time, and back: measured 1 MB
-        # (int8) and 33 MB (int4: the heap's share of each layer's unpacking temporaries); a portable copy of
-        # every int4 layer, as first written, held the layers' 38 MB twice over on top.
-        assert m["save_growth"] <= 0.3 * m["weight_bytes"], f"{mode}: {m}"
+        # (int8) and 33 MB (int4: the heap's share of each layer's unpacking temporaries) on the AVX2 EPYC, and
+        # 33-46 MB on the AVX-512 Xeon (the heap's share varies from run to run); a portable copy of every int4
+        # layer, as first written, held the layers' 38 MB twice over on top (> 100 MB).
+        assert m["save_growth"] <= 0.4 * m["weight_bytes"], f"{mode}: {m}"
