@@ -243,13 +243,14 @@ class VipLlava(nn.Module):
         config = VipLlavaConfig.from_dict(raw)
         saved = saved_quantization(raw, folder, quantize, group_size)  # (mode, group size) of a quantized folder
         mode, group_size = saved or (quantize, group_size)
-        if mode and not saved:
+        if mode == "int4" and not saved:
             t, asked = config.text_config, group_size
             group_size = choose_group_size({t.hidden_size, t.num_attention_heads * t.head_dim, t.intermediate_size},
-                                           group_size) if mode == "int4" else DEFAULT_GROUP_SIZE
-            if mode == "int4" and asked is None and group_size != DEFAULT_GROUP_SIZE and verbose:
+                                           group_size)
+            if asked is None and group_size != DEFAULT_GROUP_SIZE and verbose:
                 weights.log(f"int4: group size {group_size}, the largest that divides this model's layer widths "
                             f"(128, the default, does not)")
+        group_size = group_size or DEFAULT_GROUP_SIZE  # int8 has no groups: recorded as before
 
         def build(mode):
             with torch.device("meta"):
