@@ -215,3 +215,35 @@ def test_k_micro_batches_equal_one_big_batch(tmp_path):
         if p.requires_grad:
             assert (p - start[name]).abs().max() > 0, name  # it moved
             assert (p - params2[name]).abs().max() <= 1e-6, name
+
+
+def test_command_line_writes_a_peft_adapter_and_a_loss_log_that_cli_loads(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tiny_checkpoint
+
+    root = Path(__file__).resolve().parent.parent
+    base = tiny_checkpoint.write_checkpoint(tmp_path / "base", vision=dict(image_size=112), dtype="float32")
+    name = photo(tmp_path, size=(160, 120))
+    records = [{"id": f"r{i}", "image": name, "bboxes": [[10 + i, 10, 90, 80]],
+                "conversations": [{"from": "human", "value": "<image>\nWhat is <bbox0>?"},
+                                  {"from": "gpt", "value": "A cat."}]} for i in range(5)]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    out = tmp_path / "adapter"
+    r = subprocess.run([sys.executable, str(root / "finetune.py"), "--model", base, "--data", tmp_path / "train.json",
+                        "--image-folder", tmp_path, "--output", out, "--eval-data", tmp_path / "train.json",
+                        "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
+                        "--checkpointing"], capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "loss" in e]
+    assert len(steps) == 2 and all(e["tokens_per_s"] > 0 and e["supervised_tokens"] > 0 for e in steps)
+    assert [e["step"] for e in log if "eval_loss" in e] == [0, 2]
+    assert steps[0]["lr"] < steps[1]["lr"] or steps[0]["lr"] == 0  # warmup first
+    r = subprocess.run([sys.executable, str(root / "vipllava.py"), "--model", base, "--adapter", out, "--image",
+                        tmp_path / name, "--box", "10,10,90,80", "--prompt", "What is it?", "--max-new-tokens", "3"],
+                       capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
