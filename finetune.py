@@ -17,16 +17,22 @@ warmup 0.03, max length 2048). Data: a JSON (or JSON-lines) list of LLaVA record
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
+import os
 import random
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import lora
 from processor import IMAGE_TOKEN, VipLlavaProcessor, load_image, render_chat
@@ -217,15 +223,38 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, max_grad_
     """One optimizer step over the accumulated micro-batches. Each loss is its sum of token losses divided by the
     supervised tokens of the whole step, so the gradient is that of the mean over every supervised token, whatever
     the split (k micro-batches of b == one batch of k*b). Returns (that mean loss, the supervised tokens).
-    Under DDP the count would be summed over the ranks first."""
-    n = sum(supervised_count(b) for b in micro_batches)
+
+    Under DistributedDataParallel (`model` wrapped, torchrun): the count is summed over the ranks (all_reduce) and
+    each loss divided by count / world, since DDP averages the ranks' gradients; the gradients are synchronised
+    only in the last micro-batch's backward (no_sync before). A micro-batch left empty (its samples had no
+    supervised token) is skipped alone, and runs as one padding token with no label under DDP, whose collectives
+    need every rank's backward."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    world = dist.get_world_size() if ddp else 1
+    n = sum(supervised_count(b) for b in micro_batches if b["ids"])
+    if ddp:
+        count = torch.tensor(n, dtype=torch.float64, device=model.module.device)
+        dist.all_reduce(count)
+        n = int(count.item())
     total = 0.0
-    for b in micro_batches:
-        device = model.device
-        loss = model(b["input_ids"].to(device), None if b["pixel_values"] is None else b["pixel_values"].to(device),
-                     b["attention_mask"].to(device), labels=b["labels"].to(device), num_items_in_batch=max(n, 1)).loss
-        loss.backward()
-        total += loss.item()
+    for i, b in enumerate(micro_batches):
+        if not b["ids"]:
+            if not ddp:
+                continue
+            b = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.full((1, 1), IGNORE_INDEX),
+                 "attention_mask": torch.ones(1, 1, dtype=torch.long), "pixel_values": None}
+        device = model.module.device if ddp else model.device
+        sync = not ddp or i == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            loss = model(b["input_ids"].to(device), None if b["pixel_values"] is None else b["pixel_values"].to(device),
+                         b["attention_mask"].to(device), labels=b["labels"].to(device),
+                         num_items_in_batch=max(n, 1) / world).loss
+            loss.backward()
+        total += loss.item() / world
+    if ddp:  # the mean over every rank's tokens, for the log
+        total_t = torch.tensor(total, dtype=torch.float64, device=model.module.device)
+        dist.all_reduce(total_t)
+        total = total_t.item()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -252,21 +281,154 @@ def evaluate(model, loader) -> float:
 
 
 # ---------------------------------------------------------------------------- the loop
-def loader(dataset, batch_size, pad_id, shuffle, seed, workers=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
-                                       collate_fn=functools.partial(collate, pad_id=pad_id))
+def loader(dataset, batch_size, pad_id, shuffle, seed, workers=0, rank=0, world=1, skip=0):
+    """Batches in the order of torch.randperm seeded with `seed` (DistributedSampler's). With `world` processes
+    each takes every world-th sample of that order, so each rank holds its share of every global batch (the last
+    one padded with repeats so the ranks step together). `skip`: batches already trained (a resumed run)."""
+    order = list(torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed))
+    g = torch.Generator().manual_seed(seed)  # the workers' seeds: never drawn from the global generator
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order[skip * batch_size:], generator=g,
+                                       num_workers=workers, collate_fn=functools.partial(collate, pad_id=pad_id))
+
+
+# ---------------------------------------------------------------------------- many processes, resumable runs
+def start_distributed(args) -> tuple[int, int, str]:
+    """(rank, world size, device). Under torchrun (RANK in the environment): one process per GPU (NCCL), or
+    gloo on CPUs; alone: (0, 1, args.device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, args.device
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else ("cpu" if args.device == "auto" else args.device)
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def micro_batch_size(batch_size: int, grad_accum: int, world: int) -> int:
+    """--batch-size is the global batch (samples per optimizer step): each of the `world` processes runs
+    `grad_accum` micro-batches of batch_size / (world * grad_accum) samples."""
+    micro, rest = divmod(batch_size, world * grad_accum)
+    if rest or not micro:
+        raise ValueError(f"--batch-size {batch_size} (samples per optimizer step) does not split into {world} "
+                         f"process(es) x --grad-accum {grad_accum} micro-batches: make it a multiple of "
+                         f"{world * grad_accum}")
+    return micro
+
+
+SAME_RUN = ("model", "data", "lora_r", "lora_alpha", "lora_dropout", "lr", "projector_lr", "epochs", "batch_size",
+            "max_length", "warmup_ratio", "seed", "quantize", "group_size")  # what a resumed run may not change
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(folder: Path, model, config, optimizer, scheduler, position: dict, args, world: int):
+    """A resumable checkpoint: the adapter (PEFT's files: LoRA and the projector), optimizer and scheduler state,
+    every rank's RNG states and the data position, written into `folder`.tmp and renamed: a folder that exists is
+    complete. Every rank calls it (the RNG states are gathered); rank 0 writes."""
+    states = [rng_states()]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, rng_states())
+    if world == 1 or dist.get_rank() == 0:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lora.save_adapter(model, config, tmp, str(args.model))
+        settings = {k: str(getattr(args, k)) for k in SAME_RUN}
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": states,
+                    "world": world, "settings": settings, **position}, tmp / "training_state.pt")
+        if folder.exists():  # a step saved again (a rerun after a kill): the old one goes only once the new is in
+            folder.rename(folder.with_name(folder.name + ".old"))
+        tmp.rename(folder)
+        shutil.rmtree(folder.with_name(folder.name + ".old"), ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def last_checkpoint(output: Path) -> Path | None:
+    """The checkpoint-N folder with the largest N that holds a training state (.tmp ones are unfinished)."""
+    found = [(int(f.name.split("-")[1]), f) for f in output.glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", f.name) and (f / "training_state.pt").is_file()]
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(folder: Path, model, config, optimizer, scheduler, args, rank: int, world: int) -> dict:
+    """Restore what save_checkpoint wrote; returns the data position {"step", "epoch", "steps_in_epoch"}."""
+    state = torch.load(folder / "training_state.pt", weights_only=True)
+    changed = {k: (v, str(getattr(args, k))) for k, v in state["settings"].items() if str(getattr(args, k)) != v}
+    if changed:
+        raise ValueError(f"{folder} was saved by a run with other settings ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}): "
+                         f"run with the same ones, or into another --output")
+    lora.load_adapter_weights(model, config, folder / "adapter_model.safetensors")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["world"] == world:
+        set_rng_states(state["rng"][rank])
+    else:  # the data order is the same at any world size; dropout's draws cannot be
+        torch.manual_seed(args.seed + rank + state["step"])
+    return {k: state[k] for k in ("step", "epoch", "steps_in_epoch")}
+
+
+class StopSignals:
+    """SIGTERM/SIGINT during the run set `.signal` (the loop then saves and stops); a second one stops at once."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.previous[s] = signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def stop_now(self, world: int, device) -> bool:
+        """Whether any rank got a signal (every rank must stop at the same step)."""
+        if world == 1:
+            return self.signal is not None
+        flag = torch.tensor(0 if self.signal is None else self.signal, device=device)
+        dist.all_reduce(flag, dist.ReduceOp.MAX)
+        self.signal = int(flag) or None
+        return self.signal is not None
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train(args, model=None, processor=None) -> dict:
-    """The whole run; returns {"loss": [...], "eval_loss": [...]}. `model`/`processor` skip the loading."""
+    """The whole run; returns {"loss": [...], "eval_loss": [...], "stopped": signal number or None}.
+    `model`/`processor` skip the loading. Under torchrun: one process per rank, DDP; logs and files from rank 0.
+    A checkpoint in --output (--save-every, or a SIGTERM/SIGINT) is resumed from."""
     from tqdm import tqdm
 
+    rank, world, device = start_distributed(args)
+    micro_size = micro_batch_size(args.batch_size, args.grad_accum, world)
     torch.manual_seed(args.seed)
     processor = processor or VipLlavaProcessor.from_pretrained(args.model)
-    model = model or VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = model or VipLlava.from_pretrained(args.model, dtype=args.dtype, device=device, quantize=args.quantize,
+                                              group_size=args.group_size, verbose=rank == 0)
     config = lora.LoraConfig(args.lora_r, args.lora_alpha, args.lora_dropout)
     groups = prepare_model(model, config, args.checkpointing, args.seed)
+    torch.manual_seed(args.seed + rank)  # dropout: each rank its own draws
+    trained = model  # what the step runs: DDP over it with several processes; the model itself is what is saved
+    if world > 1:  # every rank loaded the same base and drew the same LoRA: no start-up broadcast of the weights
+        trained = torch.nn.parallel.DistributedDataParallel(model, init_sync=False, broadcast_buffers=False,
+                                                            find_unused_parameters=True)  # text-only batches
     optimizer = torch.optim.AdamW([{"params": groups["lora"], "lr": args.lr},
                                    {"params": groups["projector"], "lr": args.projector_lr}], weight_decay=0.0)
     data = MarkedConversations(read_records(args.data), processor, args.image_folder, args.max_length, args.seed)
@@ -274,43 +436,53 @@ def train(args, model=None, processor=None) -> dict:
     if args.eval_data:
         held_out = MarkedConversations(read_records(args.eval_data), processor, args.image_folder, args.max_length,
                                        args.seed + 1)
-    steps_per_epoch = math.ceil(len(data) / (args.batch_size * args.grad_accum))
+    steps_per_epoch = math.ceil(math.ceil(len(data) / world) / micro_size / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(total_steps, math.ceil(total_steps * args.warmup_ratio)))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    log_file = (output / "loss_log.jsonl").open("a")
-    history = {"loss": [], "eval_loss": []}
+    log_file = (output / "loss_log.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
+    history = {"loss": [], "eval_loss": [], "stopped": None}
 
     def record(entry):
         log_file.write(json.dumps(entry) + "\n")
         log_file.flush()
 
     def save(folder):
-        lora.save_adapter(model, config, folder, str(args.model))
+        if rank == 0:
+            lora.save_adapter(model, config, folder, str(args.model))
 
-    if held_out is not None:
-        history["eval_loss"].append(evaluate(model, loader(held_out, args.batch_size, processor.pad_token_id, False, 0)))
+    position = {"step": 0, "epoch": 0, "steps_in_epoch": 0}
+    resume = Path(args.resume) if args.resume else last_checkpoint(output)
+    if resume is not None:
+        position = load_checkpoint(resume, model, config, optimizer, scheduler, args, rank, world)
+        if rank == 0:
+            print(f"resuming from {resume} (step {position['step']})", file=sys.stderr)
+    if held_out is not None and resume is None:
+        history["eval_loss"].append(evaluate(model, loader(held_out, micro_size, processor.pad_token_id, False, 0)))
         record({"step": 0, "eval_loss": history["eval_loss"][-1]})
     model.train()
-    step, bar = 0, tqdm(total=total_steps, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
-    for epoch in range(args.epochs):
+    signals = StopSignals()
+    step, bar = position["step"], tqdm(total=total_steps, initial=position["step"], file=sys.stderr,
+                                        disable=args.quiet or rank != 0, dynamic_ncols=True)
+    for epoch in range(position["epoch"], args.epochs):
         data.epoch = epoch
         micro, tokens, t0 = [], 0, time.perf_counter()
-        batches = loader(data, args.batch_size, processor.pad_token_id, True, args.seed + epoch, args.workers)
+        done = position["steps_in_epoch"] if epoch == position["epoch"] else 0  # optimizer steps already taken
+        batches = loader(data, micro_size, processor.pad_token_id, True, args.seed + epoch, args.workers, rank, world,
+                         skip=done * args.grad_accum)
         for i, batch in enumerate(batches):
             for name in batch["skipped"]:
                 bar.write(f"{name}: no supervised token left at --max-length {args.max_length}: skipped")
                 record({"step": step, "skipped": name, "reason": "no supervised token"})
-            if batch["ids"]:
-                micro.append(batch)
-                tokens += int(batch["attention_mask"].sum())
-            if not micro or len(micro) < args.grad_accum and i + 1 < len(batches):
+            micro.append(batch)  # even empty: a step is always grad_accum micro-batches, on every rank
+            tokens += int(batch["attention_mask"].sum())
+            if len(micro) < args.grad_accum and i + 1 < len(batches):
                 continue
             lr = scheduler.get_last_lr()[0]
-            loss, n = train_step(model, micro, optimizer, scheduler, args.max_grad_norm)
-            step, micro = step + 1, []
+            loss, n = train_step(trained, micro, optimizer, scheduler, args.max_grad_norm)
+            step, micro, done = step + 1, [], done + 1
             seconds = time.perf_counter() - t0
             history["loss"].append(loss)
             record({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "supervised_tokens": n, "tokens": tokens,
@@ -318,15 +490,26 @@ def train(args, model=None, processor=None) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             bar.update()
             tokens, t0 = 0, time.perf_counter()
-            if args.save_every and step % args.save_every == 0:
-                save(output / f"checkpoint-{step}")
+            stop = signals.stop_now(world, model.device)
+            if stop or args.save_every and step % args.save_every == 0:
+                save_checkpoint(output / f"checkpoint-{step}", model, config, optimizer, scheduler,
+                                {"step": step, "epoch": epoch, "steps_in_epoch": done}, args, world)
+            if stop:
+                history["stopped"] = signals.signal
+                bar.write(f"{signal.Signals(signals.signal).name}: saved {output / f'checkpoint-{step}'}; "
+                          f"run the same command again to continue")
+                break
+        if history["stopped"]:
+            break
         if held_out is not None:
-            history["eval_loss"].append(evaluate(model, loader(held_out, args.batch_size, processor.pad_token_id,
+            history["eval_loss"].append(evaluate(model, loader(held_out, micro_size, processor.pad_token_id,
                                                                False, 0)))
             record({"step": step, "epoch": epoch, "eval_loss": history["eval_loss"][-1]})
             bar.write(f"epoch {epoch}: held-out loss {history['eval_loss'][-1]:.4f}")
     bar.close()
-    save(output)
+    signals.restore()
+    if not history["stopped"]:
+        save(output)
     log_file.close()
     return history
 
@@ -344,8 +527,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the LoRA weights")
     p.add_argument("--projector-lr", type=float, default=2e-5, help="learning rate of the projector (trained in full)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4, help="samples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per optimizer step (the global batch, over all "
+                   "processes): each process runs --grad-accum micro-batches of batch-size / (processes x grad-accum)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step, in each process")
     p.add_argument("--max-length", type=int, default=2048, help="tokens per sample, after the image's 576")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
@@ -354,7 +538,13 @@ def parse_args(argv=None):
                    help="of the base weights (LoRA and the projector train in float32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
-    p.add_argument("--save-every", type=int, default=0, help="also save the adapter every N steps (0: at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="also save a resumable checkpoint (adapter, optimizer, "
+                   "data position) every N steps in OUTPUT/checkpoint-N (0: only at the end, or on SIGTERM/SIGINT)")
+    p.add_argument("--resume", default=None, help="a checkpoint folder to continue from (default: the last "
+                   "OUTPUT/checkpoint-N, if any: re-running the same command continues)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="QLoRA: the base's language model in int8/int4 (frozen), LoRA and the projector in float32")
+    p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default 128)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (marks drawn, images preprocessed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -362,5 +552,10 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     history = train(parse_args())
-    print(json.dumps({"final_loss": history["loss"][-1] if history["loss"] else None,
-                      "eval_loss": history["eval_loss"]}))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({"final_loss": history["loss"][-1] if history["loss"] else None,
+                          "eval_loss": history["eval_loss"]}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if history["stopped"]:
+        sys.exit(128 + history["stopped"])

@@ -10,7 +10,9 @@ Quirks worth knowing:
   `VipLlavaForConditionalGeneration` (`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight`,
   no adapter name), and modules trained in full (`modules_to_save`, the projector) under their own path;
 - PEFT matches a list of `target_modules` by name suffix, so ["q_proj", ...] would wrap CLIP's q/k/v too:
-  we write a regex over the language model's projections (what ViP-LLaVA's LoRA scripts target).
+  we write a regex over the language model's projections (what ViP-LLaVA's LoRA scripts target);
+- QLoRA: the base may be quantize.py's Int8Linear/Int4Linear (frozen; their backward passes the input's gradient
+  through the dequantized weight a piece at a time). Merging into such a base re-quantizes W + BA: lossy (README).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from quantize import QUANTIZED, Int4Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_REGEX = r".*language_model.*\.(" + "|".join(TARGETS) + ")"
@@ -101,10 +105,11 @@ class LoRALinear(nn.Module):
         return (y + lora * self.scaling).to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + B @ A * scaling, computed in float32, in W's dtype."""
-        w = self.base_layer.weight
+        """W + B @ A * scaling, computed in float32, in W's dtype (float32 over an int8/int4 base)."""
+        quantized = isinstance(self.base_layer, QUANTIZED)
+        w = self.base_layer.dequantize() if quantized else self.base_layer.weight
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
-        return (w.float() + delta).to(w.dtype).detach()
+        return (w.float() + delta).to(torch.float32 if quantized else w.dtype).detach()
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -118,7 +123,7 @@ def add_lora(model: nn.Module, config: LoraConfig, dtype=torch.float32, seed: in
         torch.manual_seed(seed)
     wrapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and \
+        if isinstance(module, (nn.Linear, *QUANTIZED)) and not isinstance(module, LoRALinear) and \
                 config.targets(transformers_name(name)):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, LoRALinear(module, config, dtype))
@@ -128,11 +133,24 @@ def add_lora(model: nn.Module, config: LoraConfig, dtype=torch.float32, seed: in
     return wrapped
 
 
+def requantize(layer: nn.Module, w: torch.Tensor):
+    """Quantize the float (out, in) `w` into the int8/int4 `layer`, in place: its scales are fitted anew."""
+    if isinstance(layer, Int4Linear):
+        layer.unpack()  # the portable layout, where from_float's tensors fit
+    for key, value in layer.from_float(w).items():
+        getattr(layer, key).copy_(value)
+    layer.pack()
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and drop the wrappers (the model then is a plain VipLlava)."""
+    """Fold every LoRA update into its base weight and drop the wrappers (the model then is a plain VipLlava).
+    An int8/int4 base is re-quantized with the update in it: that costs accuracy (README: serve it unmerged)."""
     for name, m in lora_modules(model).items():
         with torch.no_grad():
-            m.base_layer.weight.copy_(m.merged_weight())
+            if isinstance(m.base_layer, QUANTIZED):
+                requantize(m.base_layer, m.merged_weight())
+            else:
+                m.base_layer.weight.copy_(m.merged_weight())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.base_layer)
     return model
@@ -142,6 +160,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model.state_dict()` as if every LoRA were merged: the plain model's keys, the model left as it is."""
     state = model.state_dict()
     for name, m in lora_modules(model).items():
+        if isinstance(m.base_layer, QUANTIZED):
+            raise ValueError(f"{name}: an unmerged LoRA over an int8/int4 layer has no plain weight to save: save the "
+                             "adapter (lora.save_adapter), or lora.merge_lora(model) first (re-quantizes: lossy)")
         for key in [k for k in state if k.startswith(name + ".")]:
             value = state.pop(key)
             if key.startswith(name + ".base_layer."):
@@ -180,6 +201,12 @@ def load_adapter(model: nn.Module, folder, dtype=torch.float32) -> LoraConfig:
                                 f"adapter_model.safetensors (what finetune.py or PEFT's save_pretrained writes)")
     config = LoraConfig.from_peft(json.loads(config_file.read_text()), config_file)
     add_lora(model, config, dtype)
+    load_adapter_weights(model, config, weights_file)
+    return config
+
+
+def load_adapter_weights(model: nn.Module, config: LoraConfig, weights_file):
+    """Copy an adapter_model.safetensors into a model that `config`'s LoRA already wraps (resuming a run)."""
     state = load_file(weights_file)
     ours = adapter_state_dict(model, config)  # the keys and shapes the file must have
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
@@ -197,4 +224,3 @@ def load_adapter(model: nn.Module, folder, dtype=torch.float32) -> LoraConfig:
         for module_name in config.modules_to_save:
             for name, p in model.get_submodule(module_name).named_parameters():
                 p.copy_(state[PREFIX + transformers_name(f"{module_name}.{name}")])
-    return config

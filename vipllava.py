@@ -247,7 +247,8 @@ class VipLlava(nn.Module):
         small model's widths): the language model's Linears are quantized tensor by tensor while loading
         (quantize.py). A folder that save_pretrained wrote from a quantized model loads as it was saved.
         adapter: a LoRA adapter folder in PEFT's format (finetune.py's output), kept apart in float32 (lora.py),
-        or folded into the weights with merge=True.
+        or folded into the weights with merge=True. Over an int8/int4 base, keep it apart (QLoRA's way): merging
+        re-quantizes each layer with the update in it, which costs accuracy (README).
         """
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
@@ -257,9 +258,6 @@ class VipLlava(nn.Module):
             check_mode(quantize)
             if group_size is not None:
                 check_group_size(group_size)
-            if adapter is not None:
-                raise ValueError("adapter with quantize is not supported yet: load the adapter with merge=True on a "
-                                 "float model, save_pretrained it, then quantize that checkpoint")
         device = weights.resolve_device(device)
         weights.resolve_dtype(dtype, device, torch.float16)  # an unknown dtype fails before any download
         folder = weights.resolve(path_or_repo_id)

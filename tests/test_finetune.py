@@ -234,7 +234,7 @@ def test_command_line_writes_a_peft_adapter_and_a_loss_log_that_cli_loads(tmp_pa
     out = tmp_path / "adapter"
     r = subprocess.run([sys.executable, str(root / "finetune.py"), "--model", base, "--data", tmp_path / "train.json",
                         "--image-folder", tmp_path, "--output", out, "--eval-data", tmp_path / "train.json",
-                        "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
+                        "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-3",
                         "--checkpointing"], capture_output=True, text=True, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
