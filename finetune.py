@@ -496,8 +496,9 @@ def train(args, model=None, processor=None) -> dict:
                                 {"step": step, "epoch": epoch, "steps_in_epoch": done}, args, world)
             if stop:
                 history["stopped"] = signals.signal
-                bar.write(f"{signal.Signals(signals.signal).name}: saved {output / f'checkpoint-{step}'}; "
-                          f"run the same command again to continue")
+                if rank == 0:
+                    print(f"{signal.Signals(signals.signal).name}: saved {output / f'checkpoint-{step}'}; run the same "
+                          f"command again to continue", file=sys.stderr)
                 break
         if history["stopped"]:
             break
@@ -551,7 +552,10 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    history = train(parse_args())
+    try:
+        history = train(parse_args())
+    except ValueError as e:  # bad settings or data: the message says what to do
+        sys.exit(f"finetune.py: {e}")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({"final_loss": history["loss"][-1] if history["loss"] else None,
                           "eval_loss": history["eval_loss"]}))
