@@ -427,8 +427,8 @@ def train(args, model=None, processor=None) -> dict:
     torch.manual_seed(args.seed + rank)  # dropout: each rank its own draws
     trained = model  # what the step runs: DDP over it with several processes; the model itself is what is saved
     if world > 1:  # every rank loaded the same base and drew the same LoRA: no start-up broadcast of the weights
-        trained = torch.nn.parallel.DistributedDataParallel(model, init_sync=False, broadcast_buffers=False,
-                                                            find_unused_parameters=True)  # text-only batches
+        trained = torch.nn.parallel.DistributedDataParallel(  # the base's weights are buffers: never broadcast
+            model, init_sync=False, forward_sync_buffers=False, find_unused_parameters=True)  # text-only batches
     optimizer = torch.optim.AdamW([{"params": groups["lora"], "lr": args.lr},
                                    {"params": groups["projector"], "lr": args.projector_lr}], weight_decay=0.0)
     data = MarkedConversations(read_records(args.data), processor, args.image_folder, args.max_length, args.seed)

@@ -203,18 +203,29 @@ def test_the_global_batch_must_split(run_files, tmp_path):
 
 # ---------------------------------------------------------------------------- torchrun
 def test_torchrun_two_processes_equal_one_with_the_same_global_batch(run_files, tmp_path):
-    """2 ranks x 1 micro-batch of 2 == 1 process x 2 micro-batches of 2: the same 4 samples per step (one
-    text-only: the projector is unused in some micro-batches), the loss normalised by the tokens of all ranks."""
+    """2 ranks x 2 micro-batches of 1 (DDP, synced in the second's backward) == 1 process x 1 batch of 4: the same
+    4 samples per step (one text-only: the projector is unused in its micro-batch), the loss normalised by the
+    supervised tokens of all ranks."""
     base, folder = run_files
     settings = ("--batch-size", "4", "--lora-dropout", "0", "--max-grad-norm", "0")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-                        str(ROOT / "finetune.py"), "--model", *command(base, folder, tmp_path / "two", *settings)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    finish(finetune_process(base, folder, tmp_path / "one", *settings, "--grad-accum", "2"))
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(ROOT / "finetune.py"), "--model", *command(base, folder, tmp_path / "two", *settings, "--grad-accum", "2")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        err = p.communicate(timeout=240)[1]
+    finally:
+        if p.poll() is None:  # a hang: the launcher and its workers go together
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err[-3000:]
+    finish(finetune_process(base, folder, tmp_path / "one", *settings))
     two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
     assert logged_steps(tmp_path / "two") == logged_steps(tmp_path / "one") == [1, 2, 3]
+    losses = [[json.loads(line) for line in (tmp_path / run / "loss_log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    for a, b in zip(*losses):  # the mean over every rank's supervised tokens, as one process computes it
+        assert a["supervised_tokens"] == b["supervised_tokens"] and abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"]
     assert one.keys() == two.keys()
     for k in one:
         assert (one[k] - two[k]).abs().max() <= 1e-6, k
