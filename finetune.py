@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import lora
 from processor import IMAGE_TOKEN, VipLlavaProcessor, load_image, render_chat
@@ -224,35 +227,38 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, max_grad_
     supervised tokens of the whole step, so the gradient is that of the mean over every supervised token, whatever
     the split (k micro-batches of b == one batch of k*b). Returns (that mean loss, the supervised tokens).
 
-    Under DistributedDataParallel (`model` wrapped, torchrun): the count is summed over the ranks (all_reduce) and
-    each loss divided by count / world, since DDP averages the ranks' gradients; the gradients are synchronised
-    only in the last micro-batch's backward (no_sync before). A micro-batch left empty (its samples had no
-    supervised token) is skipped alone, and runs as one padding token with no label under DDP, whose collectives
-    need every rank's backward."""
+    Under DistributedDataParallel (`model` wrapped, torchrun) or FSDP2 (`fully_shard`): the count is summed over
+    the ranks (all_reduce) and each loss divided by count / world, since both average the ranks' gradients; the
+    gradients are synchronised only in the last micro-batch's backward (no_sync / set_requires_gradient_sync
+    before). A micro-batch left empty (its samples had no supervised token) is skipped alone, and runs as one
+    padding token with no label over several ranks, whose collectives need every rank's forward and backward."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    world = dist.get_world_size() if ddp else 1
+    fsdp = isinstance(model, FSDPModule)
+    world = dist.get_world_size() if ddp or fsdp else 1
+    device = model.module.device if ddp else model.device
     n = sum(supervised_count(b) for b in micro_batches if b["ids"])
-    if ddp:
-        count = torch.tensor(n, dtype=torch.float64, device=model.module.device)
+    if world > 1:
+        count = torch.tensor(n, dtype=torch.float64, device=device)
         dist.all_reduce(count)
         n = int(count.item())
     total = 0.0
     for i, b in enumerate(micro_batches):
         if not b["ids"]:
-            if not ddp:
+            if world == 1:
                 continue
             b = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.full((1, 1), IGNORE_INDEX),
                  "attention_mask": torch.ones(1, 1, dtype=torch.long), "pixel_values": None}
-        device = model.module.device if ddp else model.device
-        sync = not ddp or i == len(micro_batches) - 1
-        with contextlib.nullcontext() if sync else model.no_sync():
+        sync = i == len(micro_batches) - 1
+        if fsdp:
+            model.set_requires_gradient_sync(sync)
+        with model.no_sync() if ddp and not sync else contextlib.nullcontext():
             loss = model(b["input_ids"].to(device), None if b["pixel_values"] is None else b["pixel_values"].to(device),
                          b["attention_mask"].to(device), labels=b["labels"].to(device),
                          num_items_in_batch=max(n, 1) / world).loss
             loss.backward()
         total += loss.item() / world
-    if ddp:  # the mean over every rank's tokens, for the log
-        total_t = torch.tensor(total, dtype=torch.float64, device=model.module.device)
+    if world > 1:  # the mean over every rank's tokens, for the log
+        total_t = torch.tensor(total, dtype=torch.float64, device=device)
         dist.all_reduce(total_t)
         total = total_t.item()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -306,6 +312,18 @@ def start_distributed(args) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def shard(model) -> dict[str, list]:
+    """FSDP2 over a LoRA'd model: each decoder layer (its frozen base and its LoRA: FSDP wants one dtype among the
+    trainable weights only), then the rest (embeddings, CLIP, the projector, lm_head) as the root: every rank
+    gathers the projector even when its batch has no image. An int8/int4 base's weights are buffers: they stay
+    whole on each rank. Returns the parameter groups anew: the sharded parameters replace the model's."""
+    for layer in model.language_model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return {"lora": [p for n, p in model.named_parameters() if ".lora_" in n],
+            "projector": list(model.multi_modal_projector.parameters())}
+
+
 def micro_batch_size(batch_size: int, grad_accum: int, world: int) -> int:
     """--batch-size is the global batch (samples per optimizer step): each of the `world` processes runs
     `grad_accum` micro-batches of batch_size / (world * grad_accum) samples."""
@@ -343,12 +361,16 @@ def save_checkpoint(folder: Path, model, config, optimizer, scheduler, position:
     if world > 1:
         states = [None] * world
         dist.all_gather_object(states, rng_states())
+    # whole tensors under FSDP too (gathered on every rank), keyed by parameter name: any world size resumes it
+    adapter = lora.adapter_state_dict(model, config)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                          cpu_offload=True))
     if world == 1 or dist.get_rank() == 0:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        lora.save_adapter(model, config, tmp, str(args.model))
+        lora.save_adapter(model, config, tmp, str(args.model), adapter)
         settings = {k: str(getattr(args, k)) for k in SAME_RUN}
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": states,
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": states,
                     "world": world, "settings": settings, **position}, tmp / "training_state.pt")
         if folder.exists():  # a step saved again (a rerun after a kill): the old one goes only once the new is in
             folder.rename(folder.with_name(folder.name + ".old"))
@@ -365,15 +387,22 @@ def last_checkpoint(output: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_checkpoint(folder: Path, model, config, optimizer, scheduler, args, rank: int, world: int) -> dict:
-    """Restore what save_checkpoint wrote; returns the data position {"step", "epoch", "steps_in_epoch"}."""
+def read_checkpoint(folder: Path, model, config, args) -> dict:
+    """The training state of a checkpoint (refused if its settings differ); the adapter loaded into `model`
+    (before FSDP shards it)."""
     state = torch.load(folder / "training_state.pt", weights_only=True)
     changed = {k: (v, str(getattr(args, k))) for k, v in state["settings"].items() if str(getattr(args, k)) != v}
     if changed:
         raise ValueError(f"{folder} was saved by a run with other settings ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}): "
                          f"run with the same ones, or into another --output")
     lora.load_adapter_weights(model, config, folder / "adapter_model.safetensors")
-    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def load_checkpoint(state: dict, model, optimizer, scheduler, args, rank: int, world: int) -> dict:
+    """Restore the optimizer, scheduler and RNG states; returns the data position {"step", "epoch",
+    "steps_in_epoch"}."""
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     if state["world"] == world:
         set_rng_states(state["rng"][rank])
@@ -425,8 +454,13 @@ def train(args, model=None, processor=None) -> dict:
     config = lora.LoraConfig(args.lora_r, args.lora_alpha, args.lora_dropout)
     groups = prepare_model(model, config, args.checkpointing, args.seed)
     torch.manual_seed(args.seed + rank)  # dropout: each rank its own draws
+    output = Path(args.output)
+    resume = Path(args.resume) if args.resume else last_checkpoint(output)
+    checkpoint = None if resume is None else read_checkpoint(resume, model, config, args)
     trained = model  # what the step runs: DDP over it with several processes; the model itself is what is saved
-    if world > 1:  # every rank loaded the same base and drew the same LoRA: no start-up broadcast of the weights
+    if args.fsdp:
+        groups = shard(model)
+    elif world > 1:  # every rank loaded the same base and drew the same LoRA: no start-up broadcast of the weights
         trained = torch.nn.parallel.DistributedDataParallel(  # the base's weights are buffers: never broadcast
             model, init_sync=False, forward_sync_buffers=False, find_unused_parameters=True)  # text-only batches
     optimizer = torch.optim.AdamW([{"params": groups["lora"], "lr": args.lr},
@@ -440,7 +474,6 @@ def train(args, model=None, processor=None) -> dict:
     total_steps = steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(total_steps, math.ceil(total_steps * args.warmup_ratio)))
-    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     log_file = (output / "loss_log.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     history = {"loss": [], "eval_loss": [], "stopped": None}
@@ -450,13 +483,13 @@ def train(args, model=None, processor=None) -> dict:
         log_file.flush()
 
     def save(folder):
+        adapter = lora.adapter_state_dict(model, config)  # on every rank: FSDP gathers the shards
         if rank == 0:
-            lora.save_adapter(model, config, folder, str(args.model))
+            lora.save_adapter(model, config, folder, str(args.model), adapter)
 
     position = {"step": 0, "epoch": 0, "steps_in_epoch": 0}
-    resume = Path(args.resume) if args.resume else last_checkpoint(output)
-    if resume is not None:
-        position = load_checkpoint(resume, model, config, optimizer, scheduler, args, rank, world)
+    if checkpoint is not None:
+        position = load_checkpoint(checkpoint, model, optimizer, scheduler, args, rank, world)
         if rank == 0:
             print(f"resuming from {resume} (step {position['step']})", file=sys.stderr)
     if held_out is not None and resume is None:
@@ -546,6 +579,8 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="QLoRA: the base's language model in int8/int4 (frozen), LoRA and the projector in float32")
     p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default 128)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base, LoRA and the projector over "
+                   "the processes (FSDP2 fully_shard) instead of a whole copy on each (DDP)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (marks drawn, images preprocessed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)

@@ -181,13 +181,17 @@ def adapter_state_dict(model: nn.Module, config: LoraConfig) -> dict[str, torch.
     for module_name in config.modules_to_save:
         for name, p in model.get_submodule(module_name).state_dict().items():
             out[PREFIX + transformers_name(f"{module_name}.{name}")] = p
+    out = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in out.items()}  # FSDP: gather shards
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def save_adapter(model: nn.Module, config: LoraConfig, folder, base_model_name_or_path: str = "") -> Path:
+def save_adapter(model: nn.Module, config: LoraConfig, folder, base_model_name_or_path: str = "",
+                 state: dict | None = None) -> Path:
+    """`state`: adapter_state_dict(model, config) if already made (under FSDP every rank makes it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model, config), folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    state = adapter_state_dict(model, config) if state is None else state
+    save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2) + "\n")
     return folder
 

@@ -202,15 +202,17 @@ def test_the_global_batch_must_split(run_files, tmp_path):
 
 
 # ---------------------------------------------------------------------------- torchrun
-def test_torchrun_two_processes_equal_one_with_the_same_global_batch(run_files, tmp_path):
-    """2 ranks x 2 micro-batches of 1 (DDP, synced in the second's backward) == 1 process x 1 batch of 4: the same
-    4 samples per step (one text-only: the projector is unused in its micro-batch), the loss normalised by the
-    supervised tokens of all ranks."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one_with_the_same_global_batch(run_files, tmp_path, mode):
+    """2 ranks x 2 micro-batches of 1 (DDP or FSDP2, synced in the second's backward) == 1 process x 1 batch of 4:
+    the same 4 samples per step (one text-only: the projector is unused in its micro-batch), the loss normalised by
+    the supervised tokens of all ranks."""
     base, folder = run_files
     settings = ("--batch-size", "4", "--lora-dropout", "0", "--max-grad-norm", "0")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(ROOT / "finetune.py"), "--model", *command(base, folder, tmp_path / "two", *settings, "--grad-accum", "2")],
+                          str(ROOT / "finetune.py"), "--model", *command(base, folder, tmp_path / "two", *settings, "--grad-accum", "2",
+                                                          *(["--fsdp"] if mode == "fsdp" else []))],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
     try:
