@@ -393,8 +393,9 @@ def read_checkpoint(folder: Path, model, config, args) -> dict:
     state = torch.load(folder / "training_state.pt", weights_only=True)
     changed = {k: (v, str(getattr(args, k))) for k, v in state["settings"].items() if str(getattr(args, k)) != v}
     if changed:
-        raise ValueError(f"{folder} was saved by a run with other settings ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}): "
-                         f"run with the same ones, or into another --output")
+        said = ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items())
+        raise ValueError(f"{folder} was saved by a run with other settings ({said}): run with the same ones, or "
+                         f"into another --output")
     lora.load_adapter_weights(model, config, folder / "adapter_model.safetensors")
     return state
 

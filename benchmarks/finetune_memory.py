@@ -140,7 +140,8 @@ def main():
     a = p.parse_args()
     if a.worker:
         kind, *args = json.loads(a.worker)
-        result = step_worker(Path(args[0]), args[1], args[2]) if kind == "step" else merge_worker(Path(args[0]), args[1])
+        folder = Path(args[0])
+        result = step_worker(folder, args[1], args[2]) if kind == "step" else merge_worker(folder, args[1])
         print(json.dumps(result))
         return
     from bench import checkpoint
@@ -149,8 +150,8 @@ def main():
         folder = checkpoint("7b-shaped", a.text_layers[0], a.cache_dir)
         result = run_worker("merge", str(folder), a.rank)
         print(f"\n7b-shaped ({a.text_layers[0]} text layers), LoRA r={a.rank} with updates of 2% of each weight's RMS, "
-              f"logits against the float32 base + unmerged LoRA\n\n| base, adapter | relative RMS error | max abs error |"
-              f" top-1 agreement |\n|---|---:|---:|---:|")
+              f"logits against the float32 base + unmerged LoRA\n\n| base, adapter | relative RMS error | "
+              f"max abs error | top-1 agreement |\n|---|---:|---:|---:|")
         for name, r in result.items():
             print(f"| {name} | {r['rel_rms']:.4f} | {r['max_abs']:.3f} | {100 * r['top1_agree']:.1f}% |")
         return
@@ -164,7 +165,8 @@ def main():
     print(f"\n7b-shaped, one step, LoRA r={a.rank} (alpha {2 * a.rank}) on q/k/v/o/gate/up/down + the projector, "
           f"activation checkpointing, {results[(next(iter(CONFIGS)), lo)]['tokens']} tokens, CPU\n")
     print(f"| base | loaded, {lo} layers (GB) | step peak, {lo} layers (GB) | step peak, {hi} layers (GB) | "
-          f"per layer (GB) | 32 layers, extrapolated (GB) | step, {lo} layers (s) |\n|---|---:|---:|---:|---:|---:|---:|")
+          f"per layer (GB) | 32 layers, extrapolated (GB) | step, {lo} layers (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in CONFIGS:
         low, high = results[(name, lo)], results[(name, hi)]
         per_layer = (high["peak_gb"] - low["peak_gb"]) / (hi - lo) if hi > lo else float("nan")

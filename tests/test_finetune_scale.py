@@ -130,7 +130,9 @@ def adapter(output) -> dict:
 
 def logged_steps(output) -> list[int]:
     log = Path(output) / "loss_log.jsonl"
-    return [json.loads(line)["step"] for line in log.read_text().splitlines() if '"loss"' in line] if log.exists() else []
+    if not log.exists():
+        return []
+    return [json.loads(line)["step"] for line in log.read_text().splitlines() if '"loss"' in line]
 
 
 RESUME = ("--batch-size", "2", "--epochs", "2", "--save-every", "3")  # 5 steps per epoch, dropout 0.05 on
@@ -209,10 +211,11 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(run_files, 
     the supervised tokens of all ranks."""
     base, folder = run_files
     settings = ("--batch-size", "4", "--lora-dropout", "0", "--max-grad-norm", "0")
+    sharded = ["--fsdp", "--save-every", "2"] if mode == "fsdp" else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(ROOT / "finetune.py"), "--model", *command(base, folder, tmp_path / "two", *settings, "--grad-accum", "2",
-                                                          *(["--fsdp"] if mode == "fsdp" else []))],
+                          str(ROOT / "finetune.py"), "--model", *command(base, folder, tmp_path / "two", *settings,
+                                                                         "--grad-accum", "2", *sharded)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
     try:
@@ -232,3 +235,10 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(run_files, 
     for k in one:
         assert (one[k] - two[k]).abs().max() <= 1e-6, k
     assert all(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # trained: B moved from zero
+    if mode == "fsdp":  # its checkpoint (shards gathered) resumes in one process: the same end
+        resumed = tmp_path / "resumed"
+        err = finish(finetune_process(base, folder, resumed, *settings, "--resume",
+                                      str(tmp_path / "two" / "checkpoint-2")))
+        assert "checkpoint-2 (step 2)" in err and logged_steps(resumed) == [3]
+        for k, v in adapter(resumed).items():
+            assert (v - one[k]).abs().max() <= 1e-6, k
