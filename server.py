@@ -429,7 +429,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="server.py", description="Serve ViP-LLaVA with the OpenAI chat API, and a "
                                 "page at / to draw on a photo and ask about it.")
     p.add_argument("--model", default="llava-hf/vip-llava-7b-hf", help="hub id or local checkpoint folder")
-    p.add_argument("--adapter", help="a LoRA adapter folder (finetune.py's output, PEFT's format), merged into --model")
+    p.add_argument("--adapter", help="a LoRA adapter folder (finetune.py's output, PEFT's format), merged into --model "
+                   "(kept apart over --quantize: merging re-quantizes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -457,7 +458,7 @@ def main(argv=None):
     def load():
         processor = VipLlavaProcessor.from_pretrained(args.model)
         model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                         adapter=args.adapter, merge=True)
+                                         adapter=args.adapter, merge=not args.quantize)
         return model, processor
 
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning")
