@@ -493,6 +493,13 @@ def train(args, model=None, processor=None) -> dict:
         position = load_checkpoint(checkpoint, model, optimizer, scheduler, args, rank, world)
         if rank == 0:
             print(f"resuming from {resume} (step {position['step']})", file=sys.stderr)
+            log_file.close()  # what was logged after the checkpoint (a SIGKILL) is done again: drop it
+            log = output / "loss_log.jsonl"
+            kept = [line for line in log.read_text().splitlines() if line.strip() and (
+                json.loads(line)["step"] < position["step"] or
+                json.loads(line)["step"] == position["step"] and "loss" in json.loads(line))]
+            log.write_text("".join(line + "\n" for line in kept))
+            log_file = log.open("a")
     if held_out is not None and resume is None:
         history["eval_loss"].append(evaluate(model, loader(held_out, micro_size, processor.pad_token_id, False, 0)))
         record({"step": 0, "eval_loss": history["eval_loss"][-1]})

@@ -185,6 +185,7 @@ def test_sigkill_after_a_save_loses_only_the_steps_since(run_files, uninterrupte
     err = finish(finetune_process(base, folder, output, *RESUME, "--resume", str(output / "checkpoint-3")))
     assert "checkpoint-3" in err
     assert_identical(adapter(output), uninterrupted)
+    assert logged_steps(output) == list(range(1, 11))  # the steps logged after the save and lost: logged once
     state = torch.load(output / "checkpoint-9" / "training_state.pt", weights_only=True)
     assert (state["step"], state["epoch"], state["steps_in_epoch"]) == (9, 1, 4)
 
