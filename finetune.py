@@ -173,7 +173,8 @@ def collate(samples: list[dict], pad_id: int) -> dict:
              "attention_mask": torch.zeros(len(samples), T, dtype=torch.long)}
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
-        batch["input_ids"][b, :n], batch["labels"][b, :n], batch["attention_mask"][b, :n] = s["input_ids"], s["labels"], 1
+        batch["input_ids"][b, :n], batch["labels"][b, :n] = s["input_ids"], s["labels"]
+        batch["attention_mask"][b, :n] = 1
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     batch["pixel_values"] = torch.stack(images) if images else None
     batch["ids"], batch["skipped"] = [s["id"] for s in samples], skipped
@@ -194,7 +195,8 @@ def prepare_model(model: VipLlava, config: lora.LoraConfig, checkpointing=False,
     projector = model.multi_modal_projector.float().requires_grad_(True)
     projector.register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))  # CLIP may be bf16
     model.language_model.checkpointing = checkpointing
-    groups = {"lora": [p for n, p in model.named_parameters() if ".lora_" in n], "projector": list(projector.parameters())}
+    groups = {"lora": [p for n, p in model.named_parameters() if ".lora_" in n],
+              "projector": list(projector.parameters())}
     for p in groups["lora"]:
         p.requires_grad_(True)
     return groups
@@ -254,8 +256,8 @@ def evaluate(model, loader) -> float:
 # ---------------------------------------------------------------------------- the loop
 def loader(dataset, batch_size, pad_id, shuffle, seed, workers=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
-                                       collate_fn=functools.partial(collate, pad_id=pad_id))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+                                       num_workers=workers, collate_fn=functools.partial(collate, pad_id=pad_id))
 
 
 def train(args, model=None, processor=None) -> dict:
@@ -291,7 +293,8 @@ def train(args, model=None, processor=None) -> dict:
         lora.save_adapter(model, config, folder, str(args.model))
 
     if held_out is not None:
-        history["eval_loss"].append(evaluate(model, loader(held_out, args.batch_size, processor.pad_token_id, False, 0)))
+        history["eval_loss"].append(evaluate(model, loader(held_out, args.batch_size, processor.pad_token_id,
+                                                           False, 0)))
         record({"step": 0, "eval_loss": history["eval_loss"][-1]})
     model.train()
     step, bar = 0, tqdm(total=total_steps, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
@@ -332,7 +335,8 @@ def train(args, model=None, processor=None) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or checkpoint folder of the base model")
     p.add_argument("--data", required=True, help="training records (JSON list or JSON lines)")
     p.add_argument("--image-folder", default=None, help="images are relative to this folder (default: the working one)")

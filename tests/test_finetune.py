@@ -67,7 +67,8 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("turns", CONVERSATIONS, ids=["one-turn", "three-turns", "digits-and-newline"])
 @pytest.mark.parametrize("has_image", [True, False], ids=["image", "text-only"])
 def test_labels_equal_preprocess_v1(processor, turns, has_image):
-    record = {"conversations": [m for q, a in turns for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]}
+    record = {"conversations": [m for q, a in turns
+                                for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]}
     if has_image:
         record["image"] = "x.png"
         record["conversations"][0]["value"] += " <image>"  # moved to the front, as LLaVA does
