@@ -6,9 +6,10 @@
 Same weights, data, labels and LoRA settings on both sides (r 128, alpha 256, dropout 0.05 on q/k/v/o/gate/up/down
 of the decoder, the projector trained in full, CLIP frozen; AdamW; gradient clipping at 1.0). A batch is `--batch`
 samples of one image (576 positions) and 100 text tokens, the last 40 supervised. Each side runs in its own fresh
-subprocess: load, one warm-up step, then `--steps` timed steps (the median is reported). Peak memory is the
-process's peak resident memory (VmHWM) and, apart, how far training took it over the loaded model; on CUDA, the
-peak allocated GPU memory. tokens/s counts every token of the batch (image positions included).
+subprocess: load, one warm-up step, then `--steps` timed steps (the median is reported). Peak memory is the peak
+resident memory (VmHWM) while training, its mark reset after loading (loading's own transient buffers are not
+training's), and apart, training's part: that peak less the resident memory just before the first step; on CUDA,
+the peak allocated GPU memory. tokens/s counts every token of the batch (image positions included).
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ def rss_bytes() -> int:
     return 0
 
 
+def reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets VmHWM to the current resident memory."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def worker(side: str, folder: Path, dtype_name: str, device: str, batch: int, steps: int, checkpointing: bool) -> dict:
     import torch
 
@@ -60,7 +66,6 @@ def worker(side: str, folder: Path, dtype_name: str, device: str, batch: int, st
         from vipllava import VipLlava
 
         model = VipLlava.from_pretrained(folder, dtype=dtype, device=device, verbose=False)
-        loaded_rss = rss_bytes()
         groups = finetune.prepare_model(model, lora.LoraConfig(R, ALPHA, DROPOUT), checkpointing)
         optimizer = torch.optim.AdamW([{"params": groups["lora"], "lr": 2e-4},
                                        {"params": groups["projector"], "lr": 2e-5}], weight_decay=0.0)
@@ -78,7 +83,6 @@ def worker(side: str, folder: Path, dtype_name: str, device: str, batch: int, st
 
         placed = {} if device == "cpu" else {"device_map": device}
         model = VipLlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, **placed)
-        loaded_rss = rss_bytes()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
@@ -101,6 +105,8 @@ def worker(side: str, folder: Path, dtype_name: str, device: str, batch: int, st
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    loaded_rss = rss_bytes()
+    reset_peak_rss()
     step()  # warm-up: allocator, threads, the optimizer's state
     times = []
     for _ in range(steps):
