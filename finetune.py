@@ -292,10 +292,13 @@ def train(args, model=None, processor=None) -> dict:
     def save(folder):
         lora.save_adapter(model, config, folder, str(args.model))
 
-    if held_out is not None:
+    def evaluate_held_out(**where):  # the held-out marks stay those of epoch 0: the same test each time
         history["eval_loss"].append(evaluate(model, loader(held_out, args.batch_size, processor.pad_token_id,
                                                            False, 0)))
-        record({"step": 0, "eval_loss": history["eval_loss"][-1]})
+        record(where | {"eval_loss": history["eval_loss"][-1]})
+
+    if held_out is not None:
+        evaluate_held_out(step=0)
     model.train()
     step, bar = 0, tqdm(total=total_steps, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
     for epoch in range(args.epochs):
@@ -324,9 +327,7 @@ def train(args, model=None, processor=None) -> dict:
             if args.save_every and step % args.save_every == 0:
                 save(output / f"checkpoint-{step}")
         if held_out is not None:
-            history["eval_loss"].append(evaluate(model, loader(held_out, args.batch_size, processor.pad_token_id,
-                                                               False, 0)))
-            record({"step": step, "epoch": epoch, "eval_loss": history["eval_loss"][-1]})
+            evaluate_held_out(step=step, epoch=epoch)
             bar.write(f"epoch {epoch}: held-out loss {history['eval_loss'][-1]:.4f}")
     bar.close()
     save(output)
