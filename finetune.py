@@ -182,7 +182,8 @@ def collate(samples: list[dict], pad_id: int) -> dict:
              "attention_mask": torch.zeros(len(samples), T, dtype=torch.long)}
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
-        batch["input_ids"][b, :n], batch["labels"][b, :n], batch["attention_mask"][b, :n] = s["input_ids"], s["labels"], 1
+        batch["input_ids"][b, :n], batch["labels"][b, :n] = s["input_ids"], s["labels"]
+        batch["attention_mask"][b, :n] = 1
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     batch["pixel_values"] = torch.stack(images) if images else None
     batch["ids"], batch["skipped"] = [s["id"] for s in samples], skipped
@@ -203,7 +204,8 @@ def prepare_model(model: VipLlava, config: lora.LoraConfig, checkpointing=False,
     projector = model.multi_modal_projector.float().requires_grad_(True)
     projector.register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))  # CLIP may be bf16
     model.language_model.checkpointing = checkpointing
-    groups = {"lora": [p for n, p in model.named_parameters() if ".lora_" in n], "projector": list(projector.parameters())}
+    groups = {"lora": [p for n, p in model.named_parameters() if ".lora_" in n],
+              "projector": list(projector.parameters())}
     for p in groups["lora"]:
         p.requires_grad_(True)
     return groups
@@ -500,9 +502,13 @@ def train(args, model=None, processor=None) -> dict:
                 json.loads(line)["step"] == position["step"] and "loss" in json.loads(line))]
             log.write_text("".join(line + "\n" for line in kept))
             log_file = log.open("a")
+    def evaluate_held_out(**where):  # the held-out marks stay those of epoch 0: the same test each time
+        history["eval_loss"].append(evaluate(model, loader(held_out, micro_size, processor.pad_token_id,
+                                                           False, 0)))
+        record(where | {"eval_loss": history["eval_loss"][-1]})
+
     if held_out is not None and resume is None:
-        history["eval_loss"].append(evaluate(model, loader(held_out, micro_size, processor.pad_token_id, False, 0)))
-        record({"step": 0, "eval_loss": history["eval_loss"][-1]})
+        evaluate_held_out(step=0)
     model.train()
     signals = StopSignals()
     step, bar = position["step"], tqdm(total=total_steps, initial=position["step"], file=sys.stderr,
@@ -544,9 +550,7 @@ def train(args, model=None, processor=None) -> dict:
         if history["stopped"]:
             break
         if held_out is not None:
-            history["eval_loss"].append(evaluate(model, loader(held_out, micro_size, processor.pad_token_id,
-                                                               False, 0)))
-            record({"step": step, "epoch": epoch, "eval_loss": history["eval_loss"][-1]})
+            evaluate_held_out(step=step, epoch=epoch)
             bar.write(f"epoch {epoch}: held-out loss {history['eval_loss'][-1]:.4f}")
     bar.close()
     signals.restore()
@@ -557,7 +561,8 @@ def train(args, model=None, processor=None) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or checkpoint folder of the base model")
     p.add_argument("--data", required=True, help="training records (JSON list or JSON lines)")
     p.add_argument("--image-folder", default=None, help="images are relative to this folder (default: the working one)")

@@ -309,7 +309,8 @@ def sample_mark(rng, size: tuple, bbox, segmentation=None, shapes=SHAPES, color_
             (1 - t) ** 3 * p[0][0] + 3 * (1 - t) ** 2 * t * p[1][0] + 3 * (1 - t) * t * t * p[2][0] + t ** 3 * p[3][0],
             (1 - t) ** 3 * p[0][1] + 3 * (1 - t) ** 2 * t * p[1][1] + 3 * (1 - t) * t * t * p[2][1] + t ** 3 * p[3][1])]
     elif shape == "arrow":  # the head near the box's centre, the tail 0.8 x the short side to 50 px away
-        head = ((x1 + x2) / 2 + rng.uniform(-0.25, 0.25) * (x2 - x1), (y1 + y2) / 2 + rng.uniform(-0.25, 0.25) * (y2 - y1))
+        head = ((x1 + x2) / 2 + rng.uniform(-0.25, 0.25) * (x2 - x1),
+                (y1 + y2) / 2 + rng.uniform(-0.25, 0.25) * (y2 - y1))
         length, angle = rng.uniform(0.8 * min(x2 - x1, y2 - y1), 50 * scale), rng.uniform(0, 2 * math.pi)
         tail = clip(head[0] + length * math.cos(angle), head[1] + length * math.sin(angle))
         if math.dist(tail, head) < 1:  # clipped onto the head at an image corner: point the other way

@@ -67,7 +67,8 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("turns", CONVERSATIONS, ids=["one-turn", "three-turns", "digits-and-newline"])
 @pytest.mark.parametrize("has_image", [True, False], ids=["image", "text-only"])
 def test_labels_equal_preprocess_v1(processor, turns, has_image):
-    record = {"conversations": [m for q, a in turns for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]}
+    record = {"conversations": [m for q, a in turns
+                                for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]}
     if has_image:
         record["image"] = "x.png"
         record["conversations"][0]["value"] += " <image>"  # moved to the front, as LLaVA does
@@ -189,7 +190,8 @@ def synthetic_samples(n, seed=0):
 
 def test_k_micro_batches_equal_one_big_batch(tmp_path):
     """k micro-batches of b give the same update as one batch of k*b (SGD with lr 1: the update is the gradient),
-    with the supervised-token counts deliberately uneven between the micro-batches."""
+    with the supervised-token counts deliberately uneven between the micro-batches. The accumulating side also
+    recomputes its decoder layers (activation checkpointing), which must not change a gradient either."""
     folder = write_checkpoint(reference_model(), tmp_path, "hub", config=legacy_config(dtype="float32"))
     base = VipLlava.from_pretrained(folder, verbose=False)
     config = lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0)
@@ -207,6 +209,7 @@ def test_k_micro_batches_equal_one_big_batch(tmp_path):
     start = {n: p.detach().clone() for n, p in one.named_parameters() if p.requires_grad}
     loss1, n1 = finetune.train_step(one, [finetune.collate(samples, PAD_TOKEN)], opt1, s1, max_grad_norm=0)
     micro = [finetune.collate(samples[i:i + 2], PAD_TOKEN) for i in range(0, 6, 2)]
+    acc.language_model.checkpointing = True
     assert len({finetune.supervised_count(b) for b in micro}) > 1
     loss2, n2 = finetune.train_step(acc, micro, opt2, s2, max_grad_norm=0)
     assert n1 == n2 and abs(loss1 - loss2) <= 1e-6
@@ -247,3 +250,58 @@ def test_command_line_writes_a_peft_adapter_and_a_loss_log_that_cli_loads(tmp_pa
                         tmp_path / name, "--box", "10,10,90,80", "--prompt", "What is it?", "--max-new-tokens", "3"],
                        capture_output=True, text=True, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+COLOURS = ["red", "lime", "blue", "yellow"]
+
+
+def colour_task(n, seed, folder):
+    """"What colour is the mark?" on grey photos with a large filled mark: the notebook's task."""
+    rng, records = random.Random(seed), []
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        W, H, grey = rng.randint(120, 200), rng.randint(100, 160), rng.randint(60, 200)
+        name = f"{seed}_{i}.png"
+        Image.new("RGB", (W, H), (grey, grey, grey)).save(folder / name)
+        x, y, c = rng.uniform(0, 0.3 * W), rng.uniform(0, 0.3 * H), rng.choice(COLOURS)
+        polygon = [x, y, x + 0.7 * W, y, x + 0.7 * W, y + 0.7 * H, x, y + 0.7 * H]
+        records.append({"image": name, "question": "What colour is the mark?", "answer": c,
+                        "visual_prompts": [{"shape": "mask", "coords": polygon, "color": c, "alpha": 255}]})
+    return records
+
+
+@torch.no_grad()
+def accuracy(model, processor, records, folder):
+    """The share of records whose answer is the most likely of the four colours."""
+    model.eval()
+    right = 0
+    for r in records:
+        items = [finetune.MarkedConversations([dict(r, answer=c)], processor, folder)[0] for c in COLOURS]
+        losses = [model(**{k: b[k] for k in ("input_ids", "pixel_values", "attention_mask", "labels")}).loss.item()
+                  for b in (finetune.collate([item], processor.pad_token_id) for item in items)]
+        right += COLOURS[losses.index(min(losses))] == r["answer"]
+    return right / len(records)
+
+
+def test_a_short_run_learns_the_colour_of_the_mark(tmp_path):
+    """A real learning check on the tiny random model: 96 steps of LoRA r 16 + the projector. Measured: held-out
+    loss 6.41 -> 2.21, accuracy 0.25 (chance) -> 1.0."""
+    import tiny_checkpoint
+
+    base = tiny_checkpoint.write_checkpoint(tmp_path / "base", vision=dict(image_size=112), dtype="float32")
+    images = tmp_path / "images"
+    (tmp_path / "train.json").write_text(json.dumps(colour_task(64, 0, images)))
+    held_out = colour_task(40, 1, images)
+    (tmp_path / "test.json").write_text(json.dumps(held_out))
+    processor = VipLlavaProcessor.from_pretrained(base)
+    model = VipLlava.from_pretrained(base, dtype="float32", verbose=False)
+    before = accuracy(model, processor, held_out, images)
+    args = finetune.parse_args(["--model", str(base), "--data", str(tmp_path / "train.json"), "--eval-data",
+                                str(tmp_path / "test.json"), "--image-folder", str(images), "--output",
+                                str(tmp_path / "out"), "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0",
+                                "--lr", "5e-3", "--projector-lr", "5e-3", "--epochs", "6", "--batch-size", "4",
+                                "--warmup-ratio", "0.1", "--quiet"])
+    history = finetune.train(args, model, processor)
+    after = accuracy(model, processor, held_out, images)
+    assert history["eval_loss"][-1] < 0.6 * history["eval_loss"][0]
+    assert before <= 0.5 and after >= 0.75, (before, after)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-from conftest import IMAGE_TOKEN, PAD_TOKEN, inputs, legacy_config, reference_model, write_checkpoint
+from conftest import IMAGE_TOKEN, inputs, legacy_config, reference_model, write_checkpoint
 from vipllava import VipLlava
 
 LOSS_RTOL, GRAD_RTOL, LOGITS_TOL = 1e-5, 1e-4, 1e-5
