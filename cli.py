@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="the question (required without --chat; with --chat the first question, "
                    "or leave it out and type every question on stdin)")
     p.add_argument("--model", default="llava-hf/vip-llava-7b-hf", help="hub id or local checkpoint folder")
+    p.add_argument("--adapter", help="a LoRA adapter folder (finetune.py's output, PEFT's format), merged into --model "
+                   "(kept apart over --quantize: merging re-quantizes)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens an answer may have")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens reaching this probability (1: off)")
@@ -244,7 +246,7 @@ def main(argv=None):
         try:
             processor = VipLlavaProcessor.from_pretrained(args.model, image_mode=args.image_mode)
             model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                             group_size=args.group_size)
+                                             group_size=args.group_size, adapter=args.adapter, merge=not args.quantize)
         except OSError as e:
             if "could not fetch" in str(e):
                 fail(f"cannot download {args.model!r} (offline, or the hub is unreachable) "

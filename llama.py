@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from quantize import Linear  # nn.Linear with measured CPU paths (see quantize.py)
 
@@ -189,6 +190,7 @@ class Llama(nn.Module):
         ))
         self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         self._rope = None  # (cos, sin) tables, built on first use on the weights' device
+        self.checkpointing = False  # activation checkpointing per decoder layer while training (finetune.py)
 
     def setup_cache(self, batch: int, max_len: int):
         """Preallocate keys/values for max_len positions; `remove_cache` frees them. An existing cache of that
@@ -226,8 +228,9 @@ class Llama(nn.Module):
         return pos[:, input_pos:input_pos + T].clamp(min=0)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, input_pos: int = 0,
-                last_only: bool = False):
-        """Logits (B, T, vocab), or (B, 1, vocab) with last_only. attention_mask is (B, input_pos+T)."""
+                last_only: bool = False, head: bool = True):
+        """Logits (B, T, vocab), or (B, 1, vocab) with last_only. attention_mask is (B, input_pos+T).
+        head=False: the final-normed hidden states (B, T, C) instead, for a loss that needs lm_head at a few rows."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = x.shape[1]
         if self.model.layers[0].self_attn.kv_cache is None and input_pos:
@@ -239,16 +242,20 @@ class Llama(nn.Module):
             self._rope = rope_tables(self.config, self.config.max_position_embeddings, x.device)
         pos = self.position_ids(attention_mask, T, input_pos)  # (B, T)
         mask = attention_mask_4d(attention_mask, T, input_pos, x.device)
-        return self.layers_and_head(x, pos, mask, input_pos, last_only)
+        return self.layers_and_head(x, pos, mask, input_pos, last_only, head)
 
-    def layers_and_head(self, x, positions, mask, input_pos, last_only: bool = False):
+    def layers_and_head(self, x, positions, mask, input_pos, last_only: bool = False, head: bool = True):
         """The decoder layers, final norm and lm_head over x (B, T, C) at positions (B, T) -> logits (B, T, vocab)."""
         cos, sin = (t[positions].unsqueeze(1).to(x.dtype) for t in self._rope)  # (B, 1, T, hs)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            if self.checkpointing and torch.is_grad_enabled():  # training: keep each layer's input, recompute the rest
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))  # (B, T, vocab)
+        x = self.model.norm(x)
+        return self.lm_head(x) if head else x  # (B, T, vocab) or (B, T, C)
 
     def decode_step(self, token, positions, input_pos, mask):
         """Logits (B, vocab) for one new token per row, with every shape fixed from step to step, so that

@@ -150,6 +150,38 @@ def rows_in_chunks(w: torch.Tensor, fn, step_elements: int = 2**20):
     return outs
 
 
+# ---------------------------------------------------------------------------- training over a frozen quantized base
+class FrozenProduct(torch.autograd.Function):
+    """A quantized layer's product where the input needs a gradient (QLoRA: adapters trained over an int8/int4
+    base). Forward: the inference paths as they are. Backward: dx = dy @ W, W dequantized a piece of rows at a time
+    (pieces start at multiples of 64, the int4 CPU layout's blocks), so no float copy of a weight is saved for
+    backward or outlives its piece. The quantized weight is frozen: it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer):  # runs without grad: layer(x) takes its inference path
+        ctx.layer = layer
+        return layer(x)
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (..., N) -> dx (..., K)
+        layer = ctx.layer
+        dtype = dy.dtype if dy.device.type != "cpu" or cpu_computes(dy.dtype) else torch.float32
+        dyc, dx = dy.to(dtype), None
+        step = max(64, 2**22 // layer.in_features // 64 * 64)
+        for i in range(0, layer.out_features, step):
+            part = dyc[..., i:i + step] @ layer.dequantize(slice(i, i + step)).to(dtype)  # (..., K)
+            dx = part if dx is None else dx.add_(part)
+        return dx.to(dy.dtype), None
+
+
+def frozen_product(layer, x):
+    """layer(x) through FrozenProduct when x needs a gradient; the quantized base (and its bias) stays frozen."""
+    if layer.bias is not None and layer.bias.requires_grad:
+        raise ValueError("a quantized layer's bias cannot be trained: freeze it (requires_grad_(False)), or train "
+                         "over the float model")
+    return FrozenProduct.apply(x, layer)
+
+
 # ---------------------------------------------------------------------------- int8
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> int8 q (N, K) and float32 scales (N,), symmetric per output channel."""
@@ -190,6 +222,8 @@ class Int8Linear(nn.Module):
         return {"weight": self.weight, "scales": self.scales}
 
     def forward(self, x):  # (..., K) -> (..., N)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return frozen_product(self, x)
         if fast_path(x) and self.scales_bf16 is not None:
             if rows_of(x) > FEW_ROWS:
                 return in_pieces(x, self.out_features, self.dequantize, self.bias)
@@ -362,6 +396,8 @@ class Int4Linear(nn.Module):
         self.scales, self.zeros, self.scales_and_zeros, self.layout = p["scales"], p["zeros"], None, "portable"
 
     def forward(self, x):  # (..., K) -> (..., N)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return frozen_product(self, x)
         on_cpu_kernel = self.layout == "cpu" and fast_path(x)
         if on_cpu_kernel and rows_of(x) > FEW_ROWS:
             return in_pieces(x, self.out_features, self.dequantize, self.bias)

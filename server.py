@@ -446,6 +446,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="server.py", description="Serve ViP-LLaVA with the OpenAI chat API, and a "
                                 "page at / to draw on a photo and ask about it.")
     p.add_argument("--model", default="llava-hf/vip-llava-7b-hf", help="hub id or local checkpoint folder")
+    p.add_argument("--adapter", help="a LoRA adapter folder (finetune.py's output, PEFT's format), merged into --model "
+                   "(kept apart over --quantize: merging re-quantizes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -467,7 +469,7 @@ def load(args):
 
     processor = VipLlavaProcessor.from_pretrained(args.model)
     model = VipLlava.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                     group_size=args.group_size)
+                                     group_size=args.group_size, adapter=args.adapter, merge=not args.quantize)
     return model, processor
 
 

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import generate
+import lora
 import weights
 from clip import CLIPVisionConfig, CLIPVisionTower, activation
 from generate import ChatSession  # noqa: F401  (re-exported: `from vipllava import ChatSession`)
@@ -109,10 +111,14 @@ class MultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.projector_layernorm(x))))
 
 
+IGNORE_INDEX = -100  # a label that is not supervised (the prompt, the image positions, padding)
+
+
 @dataclass
 class VipLlavaOutput:
     """What `VipLlava.forward` returns, so that `model(**inputs).logits` works as in transformers."""
-    logits: torch.Tensor  # (B, T, vocab), or (B, 1, vocab) with last_only
+    logits: torch.Tensor | None  # (B, T, vocab), or (B, 1, vocab) with last_only; None with labels
+    loss: torch.Tensor | None = None  # with labels: mean cross-entropy over the supervised tokens
 
 
 class VipLlava(nn.Module):
@@ -214,12 +220,26 @@ class VipLlava(nn.Module):
                                  + (" (one image: pixel_values[None])" if getattr(pixel_values, "ndim", 0) == 3 else ""))
         return attention_mask
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, last_only: bool = False):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, num_items_in_batch=None,
+                last_only: bool = False):
         """`.logits` (B, T, vocab) for left-padded input_ids (B, T) holding 576 <image> ids per image.
-        Without attention_mask, leading pad ids are masked (see `check_inputs`)."""
+        Without attention_mask, leading pad ids are masked (see `check_inputs`).
+
+        labels (B, T): `.loss` is the cross-entropy of each supervised label (!= -100) given the tokens before it
+        (transformers' shift), summed and divided by `num_items_in_batch` (default: the supervised count, the
+        mean). lm_head runs only at the supervised positions, so no (B, T, vocab) logits are made (`.logits` None).
+        """
         attention_mask = self.check_inputs(input_ids, pixel_values, attention_mask)
         x = self.embed(input_ids, pixel_values)
-        return VipLlavaOutput(self.language_model(inputs_embeds=x, attention_mask=attention_mask, last_only=last_only))
+        if labels is None:
+            return VipLlavaOutput(self.language_model(inputs_embeds=x, attention_mask=attention_mask,
+                                                      last_only=last_only))
+        hidden = self.language_model(inputs_embeds=x, attention_mask=attention_mask, head=False)  # (B, T, C)
+        targets = labels[:, 1:].to(hidden.device)  # (B, T-1): position t predicts token t+1
+        keep = targets != IGNORE_INDEX
+        logits = self.language_model.lm_head(hidden[:, :-1][keep]).float()  # (N, vocab), N supervised tokens
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        return VipLlavaOutput(None, loss / (keep.sum() if num_items_in_batch is None else num_items_in_batch))
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kw):
         """New token ids (B, N), the prompt not included (transformers returns both). The decode loop, its
@@ -229,7 +249,7 @@ class VipLlava(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, device=None, quantize: str | None = None,
                         group_size: int | None = None, verbose: bool = True, torch_dtype=None,
-                        device_map=None) -> "VipLlava":
+                        device_map=None, adapter=None, merge: bool = False) -> "VipLlava":
         """Load a checkpoint folder or hub id.
 
         dtype None/'auto': bfloat16 with `quantize`; on a CPU float32 if it fits in memory with room to spare,
@@ -238,6 +258,9 @@ class VipLlava(nn.Module):
         small model's widths): the language model's Linears are quantized tensor by tensor while loading
         (quantize.py). A folder that save_pretrained wrote from a quantized model loads as it was saved.
         `device_map` as transformers' ("auto", "cpu", "cuda:0", {"": 0}), for one device.
+        adapter: a LoRA adapter folder in PEFT's format (finetune.py's output), kept apart in float32 (lora.py),
+        or folded into the weights with merge=True. Over an int8/int4 base, keep it apart (QLoRA's way): merging
+        re-quantizes each layer with the update in it, which costs accuracy (README).
         """
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
@@ -286,6 +309,10 @@ class VipLlava(nn.Module):
         model.generation_config = generate.GenerationConfig.from_dict(
             weights.read_json(folder / "generation_config.json"))
         model.quantization = {"weights": mode, "group_size": group_size} if mode else None
+        if adapter is not None:
+            lora.load_adapter(model, adapter)
+            if merge:
+                lora.merge_lora(model)
         return model.eval().requires_grad_(False)
 
     def save_pretrained(self, folder, max_shard_bytes: int = 5 * 2**30):
@@ -301,7 +328,7 @@ class VipLlava(nn.Module):
             raise FileExistsError(f"{folder} is a file or already holds weights: save into a new or empty folder")
         folder.mkdir(parents=True, exist_ok=True)
         with portable(self):
-            weights.save_weights(self.state_dict(), folder, max_shard_bytes)
+            weights.save_weights(lora.merged_state_dict(self), folder, max_shard_bytes)  # LoRA merged, if any
         config = {k: v for k, v in self.raw_config.items() if k not in ("quantization_config", "torch_dtype")}
         config["dtype"] = str(self.dtype).removeprefix("torch.")
         if self.quantization:

@@ -20,13 +20,15 @@ Quirks worth knowing:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
 from processor import to_rgb
 
 # What `from processor import ...` still finds here (processor's __getattr__), for code written before the move.
-__all__ = ["COLORS", "SHAPES", "parse_color", "parse_coords", "draw_visual_prompt", "crop_box", "outside_crop"]
+__all__ = ["COLORS", "SHAPES", "parse_color", "parse_coords", "draw_visual_prompt", "crop_box", "outside_crop",
+           "draw_visual_prompts", "sample_mark"]
 
 COLORS = {  # the nine colours of the training data
     "red": (255, 0, 0), "lime": (0, 255, 0), "blue": (0, 0, 255),
@@ -202,3 +204,121 @@ def outside_crop(coords, width, height):
     left, top, right, bottom = crop_box(width, height)
     points = zip(coords[0::2], coords[1::2])
     return any(not (left <= x <= right and top <= y <= bottom) for x, y in points)
+
+
+def draw_visual_prompts(image, prompts: list):
+    """`image` with each of `prompts` ({"shape", "coords", "color", "width", "alpha"}, coords a list or "x,y,...")
+    drawn in order: the form question files and training records give them in."""
+    for v in prompts:
+        if not isinstance(v, dict) or "shape" not in v or "coords" not in v:
+            raise ValueError(f'a visual prompt must be {{"shape", "coords", "color"}}, got {v!r}')
+        coords = parse_coords(v["coords"], v["shape"]) if isinstance(v["coords"], str) else v["coords"]
+        if not isinstance(coords, list) or not all(isinstance(c, (int, float)) for c in coords):
+            raise ValueError(f"visual prompt coords must be a list of numbers or 'x1,y1,...', got {v['coords']!r}")
+        image = draw_visual_prompt(image, v["shape"], coords, v.get("color", "red"), v.get("width"), v.get("alpha"))
+    return image
+
+
+# ---------------------------------------------------------------------------- random marks, as in training
+# llava/visual_prompt_generator.py's `words_shape`: how the text names each shape ("within the red rectangle").
+SHAPE_WORDS = {"box": ("within", "rectangle"), "ellipse": ("within", "ellipse"), "triangle": ("with", "triangle"),
+               "point": ("at", "point"), "scribble": ("with", "scribble"), "mask_contour": ("with", "mask contour"),
+               "mask": ("with", "mask"), "arrow": ("pointed to by", "arrow")}
+# Trained ranges at 336 px, scaled by max(W, H) / 336 (point: its radius; mask contour: 1-2 px shifted both ways).
+TRAIN_WIDTHS = {"box": (2, 8), "ellipse": (2, 8), "triangle": (2, 8), "point": (5, 20), "arrow": (1, 6),
+                "scribble": (2, 12), "mask_contour": (1, 2), "mask": (0, 0)}
+
+
+@dataclass
+class Mark:
+    """One visual prompt sampled for training: what to draw and the phrase that names it."""
+    shape: str
+    coords: list
+    color: tuple  # (R, G, B)
+    color_name: str | None  # None: a random colour the text does not name
+    width: int
+    alpha: int
+
+    @property
+    def phrase(self) -> str:  # "within the red rectangle"; "within the rectangle" for an unnamed colour
+        how, what = SHAPE_WORDS[self.shape]
+        return f"{how} the {self.color_name + ' ' if self.color_name else ''}{what}"
+
+    def draw(self, image):
+        return draw_visual_prompt(image, self.shape, self.coords, self.color, self.width, self.alpha)
+
+
+def _in_box(rng, box):
+    x1, y1, x2, y2 = box
+    return rng.uniform(x1, x2), rng.uniform(y1, y2)
+
+
+def _max_angle(points) -> float:  # degrees, the widest angle of a triangle
+    a, b, c = (math.dist(points[i], points[(i + 1) % 3]) for i in range(3))
+    if min(a, b, c) == 0:
+        return 180.0
+    cosines = ((b * b + c * c - a * a) / (2 * b * c), (a * a + c * c - b * b) / (2 * a * c),
+               (a * a + b * b - c * c) / (2 * a * b))
+    return max(math.degrees(math.acos(max(-1.0, min(1.0, x)))) for x in cosines)
+
+
+def sample_mark(rng, size: tuple, bbox, segmentation=None, shapes=SHAPES, color_names=tuple(COLORS)) -> Mark:
+    """A random mark around `bbox` (x1, y1, x2, y2 pixels of an image of `size` (W, H)) as ViP-LLaVA's training
+    drew them: one of `shapes`; a colour from `color_names` or, with p = 0.5 (if the pool has any choice left),
+    a random RGB left unnamed; alpha 96-255 (mask 48-128); widths in TRAIN_WIDTHS x max(W, H) / 336. A mask or
+    mask contour follows the first polygon of `segmentation` (COCO [x1, y1, x2, y2, ...]), else the box.
+    `rng` is a `random.Random`, so that a (seed, epoch, sample) gives the same mark every time."""
+    W, H = size
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    if not (0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H):
+        raise ValueError(f"bbox {list(bbox)} is not x1 < x2, y1 < y2 inside the {W}x{H} image")
+    box, scale = (x1, y1, x2, y2), max(W, H) / 336
+    shape = _shape_name(rng.choice(list(shapes)))
+    lo, hi = TRAIN_WIDTHS[shape]
+    width = max(1, rng.randint(int(lo * scale), max(int(lo * scale), int(hi * scale))))
+    alpha = rng.randint(48, 128) if shape == "mask" else rng.randint(96, 255)
+    if color_names and rng.random() >= 0.5:
+        name = rng.choice(list(color_names))
+        color = COLORS[name]
+    else:
+        name, color = None, tuple(rng.randint(0, 255) for _ in range(3))
+
+    def clip(x, y):
+        return [min(max(x, 0.0), W), min(max(y, 0.0), H)]
+
+    if shape == "box":
+        coords = [x1, y1, x2, y2]
+    elif shape == "ellipse":  # enlarged 1-1.5x around its centre (kept inside the image)
+        r, cx, cy = rng.uniform(1, 1.5), (x1 + x2) / 2, (y1 + y2) / 2
+        coords = clip(cx - (cx - x1) * r, cy - (cy - y1) * r) + clip(cx + (x2 - cx) * r, cy + (y2 - cy) * r)
+    elif shape == "triangle":  # three points in the box, no angle over 150 degrees
+        for _ in range(100):
+            points = [_in_box(rng, box) for _ in range(3)]
+            if _max_angle(points) < 150:
+                break
+        else:
+            points = [(x1, y2), ((x1 + x2) / 2, y1), (x2, y2)]
+        coords = [c for p in points for c in p]
+    elif shape == "point":  # near the centre: normal with a standard deviation of a sixth of the side, in the box
+        cx, cy = rng.gauss((x1 + x2) / 2, (x2 - x1) / 6), rng.gauss((y1 + y2) / 2, (y2 - y1) / 6)
+        coords = [min(max(cx, x1), x2), min(max(cy, y1), y2)]
+    elif shape == "scribble":  # a cubic Bezier through four random points of the box, as a dense polyline
+        p = [_in_box(rng, box) for _ in range(4)]
+        ts = [i / 32 for i in range(33)]
+        coords = [c for t in ts for c in (
+            (1 - t) ** 3 * p[0][0] + 3 * (1 - t) ** 2 * t * p[1][0] + 3 * (1 - t) * t * t * p[2][0] + t ** 3 * p[3][0],
+            (1 - t) ** 3 * p[0][1] + 3 * (1 - t) ** 2 * t * p[1][1] + 3 * (1 - t) * t * t * p[2][1] + t ** 3 * p[3][1])]
+    elif shape == "arrow":  # the head near the box's centre, the tail 0.8 x the short side to 50 px away
+        head = ((x1 + x2) / 2 + rng.uniform(-0.25, 0.25) * (x2 - x1),
+                (y1 + y2) / 2 + rng.uniform(-0.25, 0.25) * (y2 - y1))
+        length, angle = rng.uniform(0.8 * min(x2 - x1, y2 - y1), 50 * scale), rng.uniform(0, 2 * math.pi)
+        tail = clip(head[0] + length * math.cos(angle), head[1] + length * math.sin(angle))
+        if math.dist(tail, head) < 1:  # clipped onto the head at an image corner: point the other way
+            tail = clip(head[0] - length * math.cos(angle), head[1] - length * math.sin(angle))
+        coords = tail + list(head)
+    else:  # mask, mask_contour
+        polygon = segmentation[0] if segmentation else [x1, y1, x2, y1, x2, y2, x1, y2]
+        coords = [float(c) for c in polygon]
+        if shape == "mask_contour":
+            width = 2 * width + 1  # the original draws a 1-px outline shifted by -w..w
+    return Mark(shape, coords, color, name, width, alpha)

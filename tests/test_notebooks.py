@@ -13,10 +13,10 @@ FOLDER = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
 
 
-def test_the_five_notebooks_are_there():
+def test_the_six_notebooks_are_there():
     assert [p.name for p in NOTEBOOKS] == ["01_from_image_to_pixels.ipynb", "02_vision_tower_and_projector.ipynb",
                                            "03_merging_and_decoding.ipynb", "04_where_does_it_look.ipynb",
-                                           "05_quantization.ipynb"]
+                                           "05_quantization.ipynb", "06_finetuning.ipynb"]
 
 
 @pytest.fixture(scope="session")

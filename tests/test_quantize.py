@@ -318,6 +318,47 @@ def test_int4_portable_fallback(paths, dtype, rows, monkeypatch):
     assert only(paths, "whole")
 
 
+# ---------------------------------------------------------------------------- gradients through a frozen base (QLoRA)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 40])  # the kernel's path and in_pieces' in forward
+@pytest.mark.parametrize("make", [lambda dtype: int8_layer(1100, 256, bias=True, dtype=dtype),
+                                  lambda dtype: int4_layer(1100, 256, 64, bias=True, dtype=dtype)], ids=["int8", "int4"])
+def test_the_input_gradient_goes_through_the_dequantized_weight(make, dtype, rows):
+    # 1100 outputs: the backward's pieces of rows (4M weights / 256 = 16384 per piece here, so one) and the int4
+    # layout's padding; the layer's forward is unchanged and the weight gets no gradient
+    m = make(dtype)
+    m.pack()
+    m.bias.requires_grad_(False)
+    x = activations(rows, 256, dtype).requires_grad_()
+    dy = torch.randn(*x.shape[:-1], 1100, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y = m(x)
+    with torch.no_grad():
+        assert torch.equal(y, m(x))  # the inference path's numbers
+    y.backward(dy)
+    expected = dy.double() @ m.dequantize().double()  # (..., K)
+    err = ((x.grad.double() - expected).norm() / expected.norm()).item()
+    assert err <= (FP32_TOL if dtype == torch.float32 else BF16_TOL), err
+    assert all(b.grad is None for b in m.buffers()) and m.bias.grad is None
+
+
+def test_backward_dequantizes_in_pieces_never_the_whole_weight(monkeypatch):
+    m = int4_layer(1100, 8192, 128)  # 4M weights / 8192 = 512 rows per piece: 3 pieces
+    m.pack()
+    seen = []
+    dequantize = m.dequantize
+    monkeypatch.setattr(m, "dequantize", lambda rows=slice(None): seen.append(rows) or dequantize(rows))
+    x = activations(3, 8192, torch.float32).requires_grad_()
+    m(x).sum().backward()
+    assert seen == [slice(0, 512), slice(512, 1024), slice(1024, 1536)]
+    assert torch.allclose(x.grad, torch.ones(1, 3, 1100) @ dequantize(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_trainable_bias_on_a_quantized_layer_is_refused():
+    m = int8_layer(64, 256, bias=True)
+    with pytest.raises(ValueError, match="bias cannot be trained"):
+        m(torch.randn(2, 256, requires_grad=True))
+
+
 def test_portable_after_pack_gives_back_the_quantized_tensors():
     w = weights(96, 256)
     # 48 rows: padded to the CPU block when packed, cut off again

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = ["clip", "llama", "vipllava", "generate", "processor", "visual_prompts", "weights", "quantize"]
+LIBRARY = ["clip", "llama", "vipllava", "generate", "processor", "visual_prompts", "weights", "quantize", "lora"]
 APPS = {"cli", "server", "questions", "engine", "finetune"}
 
 
