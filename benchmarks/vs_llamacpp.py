@@ -153,22 +153,34 @@ def ours_worker(folder: Path, fmt: str, prompt: int, new: int, threads: int) -> 
             "tokens": tokens, "step_bytes": bench.model_decode_bytes(model)}
 
 
-def llamacpp_worker(path: Path, prompt: int, new: int, threads: int) -> dict:
+def llamacpp_worker(path: Path, prompt: int, new: int, threads: int, extra_buffers: bool = True) -> dict:
+    import llama_cpp.llama_cpp as lib
     import numpy as np
     from llama_cpp import Llama
 
+    if not extra_buffers:  # llama-cpp-python has no argument for it: the model parameters' default, changed
+        defaults = lib.llama_model_default_params
+
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        lib.llama_model_default_params = without_extra_buffers
     llm = Llama(str(path), n_ctx=prompt + new + 16, n_threads=threads, n_threads_batch=threads, verbose=False)
     ids = prompt_ids(prompt)
+
+    def argmax():  # of the last position's logits (Llama.eval keeps none unless logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
 
     def run(ids, n):  # greedy: the token after the prompt, then n steps
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [argmax()]
         t1 = time.perf_counter()
         for _ in range(n):
             llm.eval(tokens[-1:])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(argmax())
         return t1 - t0, time.perf_counter() - t1, tokens
 
     run(ids[:WARMUP_TOKENS], 4)
@@ -176,9 +188,15 @@ def llamacpp_worker(path: Path, prompt: int, new: int, threads: int) -> dict:
     return {"prefill_s": prefill, "decode_tok_s": new / decode, "tokens": tokens}
 
 
+class WorkerCrashed(RuntimeError):
+    pass
+
+
 def spawn(*args) -> dict:
     """This file as a worker in a fresh interpreter; its last stdout line is a JSON object."""
     proc = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode < 0:
+        raise WorkerCrashed(f"worker {args} died of signal {-proc.returncode}:\n{proc.stderr[-2000:]}")
     if proc.returncode:
         raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -194,14 +212,24 @@ def run(args) -> dict:
     llama = llama_folder(folder)
     ggufs = {fmt: gguf_file(llama, FORMATS[fmt][2], args.convert, args.threads) for fmt in args.formats}
     bandwidth = [bench.read_bandwidth(2**30)]
-    rows = {}
+    rows, no_extra = {}, {fmt: [] for fmt in args.formats}
     for fmt in args.formats:
         runs = {"ours": [], "llama.cpp": []}
         for r in range(args.repeats):
             for side in ("ours", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "ours"):
                 common = ["--prompt-tokens", args.prompt_tokens, "--new-tokens", args.new_tokens, "--threads", args.threads]
                 target = ["--folder", folder] if side == "ours" else ["--gguf", ggufs[fmt]]
-                runs[side].append(spawn("--worker", side, "--formats", fmt, *target, *common))
+                try:
+                    runs[side].append(spawn("--worker", side, "--formats", fmt, *target, *common, *no_extra[fmt]))
+                except WorkerCrashed:
+                    if side == "ours" or no_extra[fmt]:
+                        raise
+                    # ggml's AMX kernels crash on some machines (a segfault in ggml_backend_amx_mul_mat on the
+                    # Xeon of README's table): then llama.cpp runs without its extra buffer types, and says so
+                    print(f"llama.cpp crashed on {fmt}: again without extra buffer types (AMX, repacking)",
+                          file=sys.stderr, flush=True)
+                    no_extra[fmt] = ["--no-extra-buffers"]
+                    runs[side].append(spawn("--worker", side, "--formats", fmt, *target, *common, *no_extra[fmt]))
                 print(f"{fmt} round {r + 1}/{args.repeats}, {side}: "
                       f"{json.dumps({k: v for k, v in runs[side][-1].items() if k != 'tokens'})}", file=sys.stderr, flush=True)
         med = {side: {k: statistics.median(run[k] for run in rs) for k in ("prefill_s", "decode_tok_s")}
@@ -211,13 +239,15 @@ def run(args) -> dict:
         for m in med.values():
             m["gb_s"] = m["step_bytes"] * m["decode_tok_s"] / 1e9
         rows[fmt] = med | {"same_tokens": common_prefix(runs["ours"][0]["tokens"], runs["llama.cpp"][0]["tokens"]),
-                           "gguf": FORMATS[fmt][2], "runs": runs}
+                           "gguf": FORMATS[fmt][2], "llamacpp_extra_buffers": not no_extra[fmt], "runs": runs}
     bandwidth.append(bench.read_bandwidth(2**30))
+    import os
+
     import llama_cpp
 
     return {"rows": rows, "bandwidth_gb_s": max(bandwidth), "text_layers": args.text_layers, "repeats": args.repeats,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
-            "llama_cpp_python": llama_cpp.__version__, "cpu": bench.cpu_flags()}
+            "llama_cpp_python": llama_cpp.__version__, "cpu": bench.cpu_flags(), "load_average": os.getloadavg()[1]}
 
 
 def table(r: dict) -> str:
@@ -231,9 +261,15 @@ def table(r: dict) -> str:
                      f"| {o['decode_tok_s']:.2f} / {l['decode_tok_s']:.2f} (**{o['decode_tok_s'] / l['decode_tok_s']:.2f}x**) "
                      f"| {o['step_bytes'] / 1e9:.2f} / {l['step_bytes'] / 1e9:.2f} GB | {o['gb_s']:.0f} / {l['gb_s']:.0f} "
                      f"| {row['same_tokens']} |")
+        if not row["llamacpp_extra_buffers"]:
+            lines[-1] = lines[-1].replace(f"/ {row['gguf']} |", f"/ {row['gguf']} (*) |")
+    if not all(row["llamacpp_extra_buffers"] for row in r["rows"].values()):
+        lines.append("\n(*) llama.cpp without its extra buffer types (use_extra_bufts=False: no AMX kernels, no "
+                     "weight repacking): with them it crashed on this machine (ggml_backend_amx_mul_mat)")
     lines.append(f"\nread bandwidth {r['bandwidth_gb_s']:.1f} GB/s (bench.read_bandwidth, the best of the run); "
                  f"{r['new_tokens']} greedy steps, {r['threads']} threads, medians of {r['repeats']} fresh process(es) per side, "
-                 f"sides alternating; llama-cpp-python {r['llama_cpp_python']}")
+                 f"sides alternating; llama-cpp-python {r['llama_cpp_python']}; the machine's load average (5 min) "
+                 f"at the end: {r['load_average']:.1f}")
     lines.append(r["cpu"])
     return "\n".join(lines)
 
@@ -252,11 +288,12 @@ def main(argv=None):
     p.add_argument("--worker", choices=["ours", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--no-extra-buffers", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker == "ours":
         out = ours_worker(args.folder, args.formats[0], args.prompt_tokens, args.new_tokens, args.threads)
     elif args.worker == "llama.cpp":
-        out = llamacpp_worker(args.gguf, args.prompt_tokens, args.new_tokens, args.threads)
+        out = llamacpp_worker(args.gguf, args.prompt_tokens, args.new_tokens, args.threads, not args.no_extra_buffers)
     else:
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         out = run(args)
