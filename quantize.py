@@ -8,7 +8,7 @@ weight on the 2-core AVX2 EPYC, torch 2.13, medians; the benchmark tables are in
 | --- | --- | --- | --- | --- |
 | Linear, float32 | CPU | 1 | the weight's rows split between threads (MKL runs one row on one core) | 8.5 ms |
 | Linear, float32 | CPU | 2-16; a wide layer on AVX-512 | (W @ x^T)^T: MKL is 2-4x faster for a few rows | |
-| Linear, bf16 | AVX-512 CPU | 1 | `torch.mv`: torch's gemv kernel streams the weight faster than oneDNN | Xeon, 1 thread: 6.3 ms CPU, not 7.8 |
+| Linear, bf16 | AVX-512 CPU | 1 | `torch.mv`: torch's gemv reads the weight faster than oneDNN | 6.3 ms, not 7.8 (*) |
 | Linear, bf16/fp16 | CPU without fast kernels for them | > 8 | in float32, the weight converted in pieces | 16 rows: 55 ms, not 99 |
 | Int8Linear | CPU | <= 16 | `aten._weight_int8pack_mm`, bf16 activations (the only vectorized dtype) | 1 row 3.4 ms, 4 rows 5.5 |
 | Int4Linear | CPU | <= 16 | `aten._weight_int4pack_mm_for_cpu`, bf16 activations, packed for this CPU | 1 row 3.7 ms, 4 rows 6.4 |
@@ -17,6 +17,7 @@ weight on the 2-core AVX2 EPYC, torch 2.13, medians; the benchmark tables are in
 | Int4Linear | CUDA sm80+ | any | `aten._weight_int4pack_mm` (tinygemm), bf16 | |
 | any quantized | elsewhere | any | dequantize the whole weight, then F.linear: always correct, slowest | |
 
+(*) CPU time on one thread of the AVX-512 Xeon, see bf16_gemv.
 (bf16 `F.linear`, for comparison: 1 row 7.5 ms, 4 rows 27 ms.) Splitting the quantized kernels' rows between
 threads as float32 does gained nothing (they use every thread already); the int4 kernel unpacks nibbles
 slower than memory delivers them on AVX2, so it is not faster than int8 there - only smaller.

@@ -10,7 +10,9 @@ checkpoint (`--text-layers` of the 32 Llama-7B layers, vocab 32064), written onc
 is copied as a plain LlamaForCausalLM folder, converted to GGUF F32 and BF16 by llama.cpp's converter, and
 quantized from F32 to Q8_0 and Q4_0 by `llama_cpp.llama_model_quantize`. Formats side by side: float32 / F32,
 bfloat16 / BF16, int8 (one scale per output channel) / Q8_0 (one per 32 weights), int4 g128 / Q4_0 (one scale
-per 32; llama.cpp keeps its output matrix in Q6_K, ours keeps lm_head int8).
+per 32; llama.cpp keeps its output matrix in Q6_K, ours keeps lm_head int8). Where llama.cpp crashes (its AMX
+kernels segfaulted on the Xeon of README's table), it runs again without its extra buffer types, and the
+table marks that row.
 
 Each side runs in its own fresh process, the sides alternate (who goes first changes each round), and the
 table shows medians of --repeats. Both sides get the same prompt token ids (no tokenizer), --threads threads,
@@ -62,7 +64,8 @@ def llama_folder(folder: Path) -> Path:
     state = {}
     for file in bench_shards(folder):
         with safe_open(file, "pt") as f:
-            state |= {k.removeprefix("language_model."): f.get_tensor(k) for k in f.keys() if k.startswith("language_model.")}
+            state |= {k.removeprefix("language_model."): f.get_tensor(k)
+                      for k in f.keys() if k.startswith("language_model.")}
     weights.save_weights(state, tmp, max_shard_bytes=2 * 2**30)
     del state
     (tmp / "config.json").write_text(json.dumps(text | {
@@ -217,7 +220,8 @@ def run(args) -> dict:
         runs = {"ours": [], "llama.cpp": []}
         for r in range(args.repeats):
             for side in ("ours", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "ours"):
-                common = ["--prompt-tokens", args.prompt_tokens, "--new-tokens", args.new_tokens, "--threads", args.threads]
+                common = ["--prompt-tokens", args.prompt_tokens, "--new-tokens", args.new_tokens,
+                          "--threads", args.threads]
                 target = ["--folder", folder] if side == "ours" else ["--gguf", ggufs[fmt]]
                 try:
                     runs[side].append(spawn("--worker", side, "--formats", fmt, *target, *common, *no_extra[fmt]))
@@ -230,8 +234,8 @@ def run(args) -> dict:
                           file=sys.stderr, flush=True)
                     no_extra[fmt] = ["--no-extra-buffers"]
                     runs[side].append(spawn("--worker", side, "--formats", fmt, *target, *common, *no_extra[fmt]))
-                print(f"{fmt} round {r + 1}/{args.repeats}, {side}: "
-                      f"{json.dumps({k: v for k, v in runs[side][-1].items() if k != 'tokens'})}", file=sys.stderr, flush=True)
+                shown = {k: v for k, v in runs[side][-1].items() if k != "tokens"}
+                print(f"{fmt} round {r + 1}/{args.repeats}, {side}: {json.dumps(shown)}", file=sys.stderr, flush=True)
         med = {side: {k: statistics.median(run[k] for run in rs) for k in ("prefill_s", "decode_tok_s")}
                for side, rs in runs.items()}
         med["ours"]["step_bytes"] = runs["ours"][0]["step_bytes"]
@@ -251,15 +255,18 @@ def run(args) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = [f"| 7b-shaped ({r['text_layers']} text layers), {r['prompt_tokens']}-token prompt | prefill s ours / llama.cpp "
+    lines = [f"| 7b-shaped ({r['text_layers']} text layers), {r['prompt_tokens']}-token prompt "
+             "| prefill s ours / llama.cpp "
              "| decode tok/s ours / llama.cpp | weights read per step ours / llama.cpp | GB/s ours / llama.cpp "
              f"| same greedy tokens (of {r['new_tokens'] + 1}) |", "|---|---:|---:|---:|---:|---:|"]
     for fmt, row in r["rows"].items():
         o, l = row["ours"], row["llama.cpp"]
         name = "int4 g128" if fmt == "int4" else fmt
-        lines.append(f"| {name} / {row['gguf']} | {o['prefill_s']:.2f} / {l['prefill_s']:.2f} ({o['prefill_s'] / l['prefill_s']:.2f}x) "
-                     f"| {o['decode_tok_s']:.2f} / {l['decode_tok_s']:.2f} (**{o['decode_tok_s'] / l['decode_tok_s']:.2f}x**) "
-                     f"| {o['step_bytes'] / 1e9:.2f} / {l['step_bytes'] / 1e9:.2f} GB | {o['gb_s']:.0f} / {l['gb_s']:.0f} "
+        prefill, decode = o["prefill_s"] / l["prefill_s"], o["decode_tok_s"] / l["decode_tok_s"]
+        lines.append(f"| {name} / {row['gguf']} | {o['prefill_s']:.2f} / {l['prefill_s']:.2f} ({prefill:.2f}x) "
+                     f"| {o['decode_tok_s']:.2f} / {l['decode_tok_s']:.2f} (**{decode:.2f}x**) "
+                     f"| {o['step_bytes'] / 1e9:.2f} / {l['step_bytes'] / 1e9:.2f} GB "
+                     f"| {o['gb_s']:.0f} / {l['gb_s']:.0f} "
                      f"| {row['same_tokens']} |")
         if not row["llamacpp_extra_buffers"]:
             lines[-1] = lines[-1].replace(f"/ {row['gguf']} |", f"/ {row['gguf']} (*) |")
@@ -267,7 +274,8 @@ def table(r: dict) -> str:
         lines.append("\n(*) llama.cpp without its extra buffer types (use_extra_bufts=False: no AMX kernels, no "
                      "weight repacking): with them it crashed on this machine (ggml_backend_amx_mul_mat)")
     lines.append(f"\nread bandwidth {r['bandwidth_gb_s']:.1f} GB/s (bench.read_bandwidth, the best of the run); "
-                 f"{r['new_tokens']} greedy steps, {r['threads']} threads, medians of {r['repeats']} fresh process(es) per side, "
+                 f"{r['new_tokens']} greedy steps, {r['threads']} threads, "
+                 f"medians of {r['repeats']} fresh process(es) per side, "
                  f"sides alternating; llama-cpp-python {r['llama_cpp_python']}; the machine's load average (5 min) "
                  f"at the end: {r['load_average']:.1f}")
     lines.append(r["cpu"])
@@ -276,13 +284,15 @@ def table(r: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--text-layers", type=int, default=8, help="decoder layers of the 7b-shaped checkpoint (the real: 32)")
+    p.add_argument("--text-layers", type=int, default=8,
+                   help="decoder layers of the 7b-shaped checkpoint (the real: 32)")
     p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     p.add_argument("--prompt-tokens", type=int, default=616, help="tokens of the prompt (616: an image and 40 tokens)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="rounds of both sides per format; medians are reported")
-    p.add_argument("--convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py (needed once, to write the GGUF files)")
+    p.add_argument("--convert", type=Path,
+                   help="llama.cpp's convert_hf_to_gguf.py (needed once, to write the GGUF files)")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / ".cache")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of the table")
     p.add_argument("--worker", choices=["ours", "llama.cpp"], help=argparse.SUPPRESS)
