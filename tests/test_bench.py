@@ -88,3 +88,26 @@ def test_sizes_of_the_real_7b_meet_the_targets():
     readme = (BENCH.parent.parent / "README.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 7B") or line.startswith("| 13B")]
     assert len(rows) == 2 and all(row in readme for row in rows), rows
+
+
+def test_vs_llamacpp_converts_the_same_language_model(tmp_path):
+    # What vs_llamacpp.py hands llama.cpp's converter: a plain LlamaForCausalLM folder with our checkpoint's
+    # language model (transformers' logits there equal ours) and a vocabulary of one token per embedding row.
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    sys.path.insert(0, str(BENCH.parent))
+    import tiny_checkpoint
+    import vs_llamacpp
+    from vipllava import VipLlava
+
+    folder = tiny_checkpoint.write_checkpoint(tmp_path / "ckpt", dtype="float32", max_shard_bytes=200_000)
+    llama = vs_llamacpp.llama_folder(folder)
+    assert llama == tmp_path / "ckpt-llama" and vs_llamacpp.llama_folder(folder) == llama  # made once
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = LlamaForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()(ids).logits
+        ours = VipLlava.from_pretrained(folder, dtype="float32", verbose=False).language_model(ids)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    vocab = AutoTokenizer.from_pretrained(llama).get_vocab()
+    assert sorted(vocab.values()) == list(range(theirs.shape[-1]))

@@ -385,6 +385,60 @@ def test_float_in_pieces_with_bf16_weights_equals_float32_linear():
         assert y.dtype == torch.bfloat16 and torch.equal(y, expected.to(torch.bfloat16))
 
 
+# ---------------------------------------------------------------------------- float Linear: one bf16 row
+@pytest.fixture
+def mv_calls(monkeypatch):
+    """Counts the products that went through torch.mv (Linear's one-row bf16 path)."""
+    calls, mv = [], torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *args, **kw: calls.append(1) or mv(*args, **kw))
+    return calls
+
+
+def test_bf16_gemv_follows_the_cpu():
+    assert Q.bf16_gemv() == torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+@pytest.mark.parametrize("kind", ["avx512", "avx2"])  # both CPU kinds' decisions, on whatever CPU runs this
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 256), (256,), (2, 1, 256), (1, 3, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_float_linear_one_bf16_row(monkeypatch, mv_calls, kind, dtype, shape, bias):
+    monkeypatch.setattr(Q, "bf16_gemv", lambda: kind == "avx512")
+    torch.manual_seed(0)
+    lin = Q.Linear(256, 96, bias=bias).to(dtype)
+    x = torch.randn(shape).to(dtype)
+    with torch.inference_mode():
+        y = lin(x)
+    assert y.shape == (*shape[:-1], 96) and y.dtype == dtype
+    assert relative_error(y, x, lin.weight, lin.bias) <= (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    one_row = x.numel() == 256
+    assert len(mv_calls) == (kind == "avx512" and dtype == torch.bfloat16 and one_row)
+    if mv_calls:  # and with autograd on: gradients flow through torch.mv too
+        lin(x).sum().backward()
+        assert lin.weight.grad is not None and len(mv_calls) == 2
+
+
+@pytest.mark.parametrize("quantized", [None, "int8", "int4"])
+def test_greedy_generation_with_and_without_the_bf16_row_path(monkeypatch, mv_calls, tmp_path, quantized):
+    # Token for token the same on a tiny checkpoint in bfloat16, with torch.mv and with F.linear for one row
+    # (quantized: the Linears left in bf16 are the vision tower's and the projector's, never one row).
+    import tiny_checkpoint
+    from vipllava import VipLlava
+
+    text = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                initializer_range=0.2)
+    folder = tiny_checkpoint.write_checkpoint(tmp_path, text=text, dtype="bfloat16")
+    model = VipLlava.from_pretrained(folder, dtype="bfloat16", quantize=quantized, verbose=False)
+    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    tokens = {}
+    for gemv in (True, False):
+        monkeypatch.setattr(Q, "bf16_gemv", lambda: gemv)
+        mv_calls.clear()
+        tokens[gemv] = model.generate(ids, max_new_tokens=24, eos_token_id=[])
+        assert bool(mv_calls) == (gemv and quantized is None)
+    assert torch.equal(tokens[True], tokens[False]) and len(set(tokens[True][0].tolist())) > 1
+
+
 # ---------------------------------------------------------------------------- CUDA
 # Not measured (no GPU where this was written): twice the CPU bound, as the GPU's int8 path rounds up to four
 # times in bf16 (the product, the scale, the multiplication by it, the bias).
