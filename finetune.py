@@ -108,7 +108,7 @@ def tokenize_with_labels(processor: VipLlavaProcessor, turns, max_length: int | 
         start = text.index(" ASSISTANT: " + answer + "</s>", pos) + len(" ASSISTANT:")
         pos = start + len(" " + answer + "</s>")
         spans.append((start, pos))
-    enc = processor.tokenizer.encode(text)
+    enc = processor.tokenizer.backend_tokenizer.encode(text)  # the raw tokenizer: ids and character offsets
     ids, labels = enc.ids, [IGNORE_INDEX] * len(enc.ids)
     eos = processor.tokenizer.token_to_id("</s>")
     for start, end in spans:
