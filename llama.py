@@ -116,6 +116,31 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, nkv, end, hs)
 
 
+class SlotCache(KVCache):
+    """The serving engine's cache (engine.py): one row per conversation slot, each filled to its own length.
+
+    `where` is (rows, starts): the cache row of each sequence and the position its first new token takes.
+    Prefill is one row, T tokens: it reads its row as a view. A decode step is B rows, one token each, at
+    different positions: each writes its own row, and keys/values come back gathered to the longest row,
+    (B, nkv, n, hs); the caller's mask hides each row's positions past its own length.
+    """
+
+    def update(self, where, k, v):  # k, v (B, nkv, T, hs)
+        rows, starts = where
+        B, T = k.shape[0], k.shape[2]
+        if B == 1:
+            r, end = rows[0], starts[0] + T
+            self.k[r, :, starts[0]:end] = k[0]
+            self.v[r, :, starts[0]:end] = v[0]
+            return self.k[r:r + 1, :, :end], self.v[r:r + 1, :, :end]  # (1, nkv, end, hs), no copy
+        assert T == 1, "several rows advance one token at a time"
+        r, s = torch.tensor(rows, device=k.device), torch.tensor(starts, device=k.device)
+        self.k[r, :, s] = k[:, :, 0]  # row r[b] at position s[b]
+        self.v[r, :, s] = v[:, :, 0]
+        n = max(starts) + 1
+        return self.k[r, :, :n], self.v[r, :, :n]  # (B, nkv, n, hs)
+
+
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
@@ -126,7 +151,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos: int):  # x (B, T, C)
+    def forward(self, x, cos, sin, mask, input_pos):  # input_pos: an int, or what the cache's update takes  # x (B, T, C)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -211,6 +236,12 @@ class Llama(nn.Module):
                 layer.self_attn.kv_cache.k[:, :, :n] = old.k
                 layer.self_attn.kv_cache.v[:, :, :n] = old.v
 
+    def setup_slots(self, n_slots: int, max_len: int):
+        """A SlotCache of n_slots rows of max_len positions in every layer (engine.py); remove_cache frees it."""
+        c, w = self.config, self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = SlotCache(n_slots, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
+
     def cache_length(self, batch: int) -> int:
         """Positions the KV cache holds for this batch size (0: no cache, or one for another batch)."""
         cache = self.model.layers[0].self_attn.kv_cache
@@ -238,11 +269,26 @@ class Llama(nn.Module):
         if input_pos + T > self.config.max_position_embeddings:
             raise ValueError(f"{input_pos + T} tokens exceed the model's context of "
                              f"{self.config.max_position_embeddings}: shorten the prompt or max_new_tokens")
-        if self._rope is None or self._rope[0].device != x.device:
-            self._rope = rope_tables(self.config, self.config.max_position_embeddings, x.device)
+        self.build_rope(x.device)
         pos = self.position_ids(attention_mask, T, input_pos)  # (B, T)
         mask = attention_mask_4d(attention_mask, T, input_pos, x.device)
         return self.layers_and_head(x, pos, mask, input_pos, last_only, head)
+
+    def build_rope(self, device):
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = rope_tables(self.config, self.config.max_position_embeddings, device)
+
+    def forward_rows(self, x, rows: list[int], starts: list[int]):
+        """Logits (B, vocab) at the last position, through a SlotCache (engine.py): x (B, T, C) continues cache
+        row rows[b] from position starts[b]. Either one row's prefill (B == 1) or a decode step (T == 1)."""
+        B, T = x.shape[:2]
+        self.build_rope(x.device)
+        positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(T, device=x.device)  # (B, T)
+        if B == 1:  # one row: causal over its own cache (None: is_causal from 0, or one token that sees all)
+            mask = attention_mask_4d(None, T, starts[0], x.device)
+        else:  # each row sees its own positions 0..starts[b], not the longer rows' beyond them
+            mask = (torch.arange(max(starts) + 1, device=x.device) <= positions)[:, None, None, :]  # (B, 1, 1, n)
+        return self.layers_and_head(x, positions, mask, (rows, starts), last_only=True)[:, -1]
 
     def layers_and_head(self, x, positions, mask, input_pos, last_only: bool = False, head: bool = True):
         """The decoder layers, final norm and lm_head over x (B, T, C) at positions (B, T) -> logits (B, T, vocab)."""
