@@ -166,13 +166,20 @@ class Engine:
         self.clock = itertools.count()
         # Counters for /metrics (read from other threads: plain ints).
         self.tokens_generated = self.cached_tokens_total = self.prompt_tokens_total = self.requests_total = 0
-        self.n_waiting = self.n_running = 0
         model.language_model.setup_slots(self.max_slots, self.context)
         gb = 2 * sum(c.k.numel() * c.k.element_size() for c in self.caches()) / 1e9
         log(f"engine: {self.max_slots} slot(s) of {self.context} positions ({gb:.2f} GB of KV cache)")
         self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
         self.stopping = False
         self.thread.start()
+
+    @property
+    def n_waiting(self) -> int:  # read from other threads (the server's 429, /metrics)
+        return len(self.waiting) + self.inbox.qsize()
+
+    @property
+    def n_running(self) -> int:
+        return len(self.prefilling) + len(self.running)
 
     def caches(self):
         return [layer.self_attn.kv_cache for layer in self.model.language_model.model.layers]
@@ -191,7 +198,7 @@ class Engine:
                              f"image(s) give {n_images * self.per_image}: expand each <image> with processor.encode")
         sampling = sampling_settings(self.model.generation_config, request.temperature, request.top_k,
                                      request.top_p, request.repetition_penalty)  # raises on bad values
-        if self.n_waiting + self.inbox.qsize() >= self.max_queue:
+        if self.n_waiting >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are already waiting: try again in a few seconds")
         request.key = prefix_key(request.ids, self.image_token, image_hashes(request.pixel_values), self.per_image)
         request.sampling = sampling
@@ -232,7 +239,6 @@ class Engine:
             self.finish(r, Cancelled("the request was cancelled"))
         while self.waiting and self.admit(self.waiting[0]):
             self.waiting.popleft()
-        self.n_waiting, self.n_running = len(self.waiting), len(self.prefilling) + len(self.running)
         if self.prefilling:
             r = self.prefilling[0]
             try:
