@@ -432,6 +432,7 @@ class ChatSession:
                     self.image_features = self.model.get_image_features(self.pixel_values.to(device))
             features = self.image_features
         self.ids = self.ids[:start]  # generate overwrites the cache from `start` on
+        self.model.language_model.check_no_engine()
         layers = self.model.language_model.model.layers
         for layer, cache in zip(layers, self.cache or [None] * len(layers)):  # this session's cache into the model
             layer.self_attn.kv_cache = cache

@@ -223,6 +223,7 @@ class Llama(nn.Module):
         """Preallocate keys/values for max_len positions; `remove_cache` frees them. An existing cache of that
         shape is kept; a shorter one of the same batch grows with its contents copied (a chat goes on in it)."""
         c, w = self.config, self.model.embed_tokens.weight  # (lm_head may be quantized)
+        self.check_no_engine()
         if max_len > c.max_position_embeddings:
             raise ValueError(f"{max_len} positions exceed the model's context of {c.max_position_embeddings} tokens")
         cache = self.model.layers[0].self_attn.kv_cache
@@ -243,6 +244,11 @@ class Llama(nn.Module):
         c, w = self.config, self.model.embed_tokens.weight
         for layer in self.model.layers:
             layer.self_attn.kv_cache = SlotCache(n_slots, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
+
+    def check_no_engine(self):
+        if isinstance(self.model.layers[0].self_attn.kv_cache, SlotCache):
+            raise RuntimeError("an Engine (engine.py) holds this model's KV cache: generate and ChatSession cannot "
+                               "run on the same model until engine.close()")
 
     def cache_length(self, batch: int) -> int:
         """Positions the KV cache holds for this batch size (0: no cache, or one for another batch)."""

@@ -219,3 +219,17 @@ def test_a_prompt_that_ends_in_its_image_is_prefilled_from_the_image_start(pair,
     e.submit(request(inp, max_new_tokens=4)).result(timeout=60)
     again = e.submit(request(inp, max_new_tokens=4)).result(timeout=60)  # all cached, but one token must be fed
     assert again.cached_tokens == 1 and again.tokens == want  # the whole image again, never its middle
+
+
+def test_generate_and_chat_refuse_a_model_whose_cache_an_engine_holds(pair, images, engine):
+    from generate import ChatSession
+
+    model, processor = pair
+    inp = inputs(processor, conversation(QUESTIONS[0]), images[0])
+    e = engine(max_slots=1)
+    with pytest.raises(RuntimeError, match="engine.close"):
+        model.generate(inp["input_ids"], inp["pixel_values"], max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="engine.close"):
+        ChatSession(model, processor, images[0]).ask("What is it?", max_new_tokens=2)
+    e.close()
+    assert len(model.generate(inp["input_ids"], inp["pixel_values"], max_new_tokens=2)[0]) == 2
