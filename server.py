@@ -340,7 +340,7 @@ class Backend:
         try:
             self.engine.submit(request)
         except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}", code="rate_limit_exceeded",
+            raise APIError(429, f"the server is busy, {e}", code="rate_limit_exceeded",
                            headers={"Retry-After": str(RETRY_AFTER)}) from None
         except ValueError as e:  # what the engine checks again (sampling settings, the context)
             raise APIError(400, str(e)) from None
@@ -535,6 +535,12 @@ async def stream(backend: Backend, chat: Chat, head: dict):
 
 
 # ---------------------------------------------------------------------------- command line
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="server.py", description="Serve ViP-LLaVA with the OpenAI chat API, and a "
                                 "page at / to draw on a photo and ask about it.")
@@ -552,9 +558,9 @@ def parse_args(argv=None):
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="largest request body (413 above)")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest image (413 above)")
-    p.add_argument("--max-slots", type=int, default=None, help="conversations answered at once, each a KV cache "
+    p.add_argument("--max-slots", type=positive, default=None, help="conversations answered at once, each a KV cache "
                    "row of the full context (default: as many as half the free memory holds, 1 to 16; printed)")
-    p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests waiting for a slot; more get 429")
+    p.add_argument("--max-queue", type=positive, default=MAX_QUEUE, help="requests waiting for a slot; more get 429")
     return p.parse_args(argv)
 
 

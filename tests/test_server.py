@@ -40,6 +40,7 @@ def data_url(raw: bytes, kind="png") -> str:
 CAT_URL = data_url(CAT.read_bytes())
 BOX = {"shape": "box", "coords": [125, 75, 215, 155], "color": "red"}
 MODEL = "tiny-random-vipllava"  # the short name of the served checkpoint folder (see `checkpoint`)
+SLOTS = 4  # the server's --max-slots: conversations in its engine at once
 
 
 def image_part(url=CAT_URL, marks=(BOX,)):
@@ -72,8 +73,8 @@ def url(checkpoint, tmp_path_factory):
     """The server in a subprocess; its stderr goes to a file, checked at the end for tracebacks."""
     port, log = free_port(), tmp_path_factory.mktemp("log") / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--model", str(checkpoint), "--port", str(port)],
-                                cwd=ROOT, stdout=err, stderr=err)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--model", str(checkpoint), "--port", str(port),
+                                 "--max-slots", str(SLOTS)], cwd=ROOT, stdout=err, stderr=err)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):  # up to 60 s to start and load
@@ -327,6 +328,15 @@ def test_group_size_reaches_the_int4_model(checkpoint):
     model, _ = server.load(args)
     assert model.quantization == {"weights": "int4", "group_size": 32}
     assert server.parse_args(["--quantize", "int4"]).group_size is None  # from_pretrained's default, as cli.py
+
+
+def test_max_slots_defaults_to_the_engines_choice_and_max_queue_to_64():
+    args = server.parse_args([])
+    assert (args.max_slots, args.max_queue) == (None, 64)  # None: Engine sizes the slots from free memory
+    args = server.parse_args(["--max-slots", "3", "--max-queue", "5"])
+    assert (args.max_slots, args.max_queue) == (3, 5)
+    with pytest.raises(SystemExit):
+        server.parse_args(["--max-queue", "0"])
 
 
 def test_models_lists_the_served_model(client, checkpoint):
@@ -583,6 +593,7 @@ def test_metrics_name_the_engines_counters_and_count_a_request(url, client):
                  "vipllava_time_to_first_token_seconds_bucket"):
         assert f"\n{name}" in r.text, name
     before = metrics(url)
+    assert before[("vipllava_slots", ())] == SLOTS  # --max-slots reached the engine
     answer = client.chat.completions.create(model=MODEL, messages=[ask("How many cats?")], max_tokens=5)
     after = metrics(url)
     grown = after[("vipllava_generated_tokens_total", ())] - before[("vipllava_generated_tokens_total", ())]
