@@ -250,7 +250,7 @@ class Metrics:
                                 "(stop, length, cancelled, error)", ["reason"], registry=self.registry)
         self.first_token = Histogram("vipllava_time_to_first_token_seconds", "From submitting a request to its "
                                      "first token (queueing and prefill)", registry=self.registry,
-                                     buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, float("inf")))
+                                     buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, float("inf")))
 
     def collect(self):  # prometheus_client's custom collector: called on each scrape
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
