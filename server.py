@@ -5,20 +5,26 @@
   an image part, `[{"shape": "box", "coords": [x1, y1, x2, y2], "color": "red"}]` in the image's pixels,
   drawn with `visual_prompts.draw_visual_prompt` exactly as the command line draws it.
 - `GET /v1/models`, `GET /health` (503 while the model loads), `POST /v1/draw` (an image part in, the marked
-  image the model will see out, as a PNG data URL), `GET /` (server_page.html: draw, ask, watch the answer).
+  image the model will see out, as a PNG data URL), `GET /` (server_page.html: draw, ask, watch the answer),
+  `GET /metrics` (Prometheus' text format: requests running and waiting, tokens generated and reused, time to
+  the first token; zeros while the model loads).
 
 Glue, not model: it imports the library and adds HTTP. The model loads in a background thread once the
-server listens (503 until then); requests go through it one at a time (a lock; the others wait). Errors are
-OpenAI-style JSON: 400 for a bad request, 413 over the body or pixel limit, 503 while loading, 500 (with no
-traceback) for a bug; the server keeps serving after each.
+server listens (503 until then); then `engine.Engine` owns it and answers every request at once (continuous
+batching over --max-slots cache slots): no lock, a short answer never waits for a long one, and a follow-up
+that resends the conversation prefills only its new turn (`usage.prompt_tokens_details.cached_tokens` says how
+many prompt tokens came from the cache). A streaming client that goes away cancels its request. Errors are
+OpenAI-style JSON: 400 for a bad request, 413 over the body or pixel limit, 429 (with Retry-After) while
+--max-queue requests already wait for a slot, 503 while loading, 500 (with no traceback) for a bug; one
+request's error never touches the others, and the server keeps serving after each.
 """
 
 import argparse
+import asyncio
 import base64
 import binascii
 import io
 import json
-import queue
 import sys
 import threading
 import time
@@ -31,6 +37,7 @@ from pathlib import Path
 from PIL import Image
 
 import weights
+from engine import Cancelled, Engine, QueueFull, Request as EngineRequest
 from processor import SYSTEM_PROMPT, fetch, load_image
 from visual_prompts import draw_visual_prompt
 from weights import log
@@ -40,18 +47,22 @@ MAX_BODY_MB = 20  # a request body over this is refused (413): a 12 MP JPEG is ~
 MAX_IMAGE_PIXELS = 50_000_000  # an image over this many pixels is refused (413) before it is decoded
 DEFAULT_MAX_TOKENS = 256  # when a request gives no max_tokens (cut to what the context has left)
 STOP = ["###"]  # the vipllava template's turn separator: the answer ends where the model starts a new turn
+MAX_QUEUE = 64  # requests waiting for a cache slot before the next is refused with 429
+RETRY_AFTER = 2  # seconds a 429 asks the client to wait: a slot frees whenever any answer ends
 
 
 class APIError(Exception):
     """An error the client caused (or 503): becomes OpenAI's {"error": {...}} with this HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = {413: "request_too_large", 503: "service_unavailable"}.get(status)  # the rest as OpenAI types them
+    # OpenAI's own 429 says type "requests" (a requests-per-minute limit), code "rate_limit_exceeded"
+    kind = {413: "request_too_large", 429: "requests", 503: "service_unavailable"}.get(status)
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -226,18 +237,55 @@ def parse_request(body, max_pixels: int, allow_urls: bool) -> Chat:
 
 
 # ---------------------------------------------------------------------------- the model
-class Cancelled(Exception):
-    """Raised from the streamer when the client went away: generate stops and frees its cache."""
+class Metrics:
+    """GET /metrics, in a registry of the backend's own (each app its own: tests make several). The engine's
+    gauges and counters are read when scraped (zeros while the model loads); the rest the server observes."""
+
+    def __init__(self, backend):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.backend, self.registry = backend, CollectorRegistry()
+        self.registry.register(self)
+        self.finished = Counter("vipllava_requests_finished", "Requests that left the engine, by finish reason "
+                                "(stop, length, cancelled, error)", ["reason"], registry=self.registry)
+        self.first_token = Histogram("vipllava_time_to_first_token_seconds", "From submitting a request to its "
+                                     "first token (queueing and prefill)", registry=self.registry,
+                                     buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, float("inf")))
+
+    def collect(self):  # prometheus_client's custom collector: called on each scrape
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        engine = self.backend.engine
+        read = (lambda name: getattr(engine, name)) if engine is not None else (lambda name: 0)
+        yield GaugeMetricFamily("vipllava_requests_running", "Requests in a cache slot (prefilling or decoding)",
+                                value=read("n_running"))
+        yield GaugeMetricFamily("vipllava_requests_waiting", "Requests waiting for a free cache slot",
+                                value=read("n_waiting"))
+        yield GaugeMetricFamily("vipllava_slots", "Cache slots: conversations the engine holds at once",
+                                value=engine.max_slots if engine is not None else 0)
+        for name, attribute, text in [
+                ("vipllava_generated_tokens", "tokens_generated", "Tokens sampled (stop strings' tokens included)"),
+                ("vipllava_prompt_tokens", "prompt_tokens_total", "Prompt tokens of admitted requests"),
+                ("vipllava_prefix_cached_tokens", "cached_tokens_total", "Prompt tokens whose keys and values "
+                 "were reused from a slot's cache (not prefilled again)"),
+                ("vipllava_requests", "requests_total", "Requests admitted into a cache slot")]:
+            yield CounterMetricFamily(name, text, value=read(attribute))
+
+    def done(self, request: EngineRequest, reason: str):
+        self.finished.labels(reason).inc()
+        if request.first_token_at is not None:
+            self.first_token.observe(request.first_token_at - request.submitted)
 
 
 class Backend:
-    """The model and processor, loaded in a thread; `answer` runs requests one at a time."""
+    """The model and processor, loaded in a thread, then the engine that owns them; `answer` from any thread."""
 
-    def __init__(self, load, on_failure=None):
+    def __init__(self, load, on_failure=None, max_slots: int | None = None, max_queue: int = MAX_QUEUE):
         self.load, self.on_failure = load, on_failure
-        self.model = self.processor = self.failure = None
+        self.max_slots, self.max_queue = max_slots, max_queue
+        self.model = self.processor = self.engine = self.failure = None
         self.ready = threading.Event()
-        self.lock = threading.Lock()  # one generation at a time: one KV cache, one model
+        self.metrics = Metrics(self)
 
     def start(self):
         threading.Thread(target=self._load, name="load-model", daemon=True).start()
@@ -245,6 +293,7 @@ class Backend:
     def _load(self):
         try:
             self.model, self.processor = self.load()
+            self.engine = Engine(self.model, self.processor, self.max_slots, self.max_queue)  # logs its slots
             self.ready.set()
             log("model loaded: ready")
         except Exception as e:
@@ -253,21 +302,29 @@ class Backend:
             if self.on_failure:
                 self.on_failure()
 
+    def close(self):
+        """Stop the engine (requests still in it fail with Cancelled): the model is free for `generate` again."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def check_ready(self):
         if not self.ready.is_set():
             raise APIError(503, self.failure or "the model is still loading: try again in a few seconds")
 
     def answer(self, chat: Chat, streamer=None, started=None) -> dict:
-        """Where a request becomes an answer: the prompt for the whole conversation, then generate.
+        """Where a request becomes an answer: the prompt for the whole conversation, submitted to the engine.
 
-        The API is stateless: each request carries the conversation so far, so it is rendered and prefilled
-        whole. (A kept chat session could prefill only the new user turn when a request extends the last one.)
-        `started` is called once the request is valid, before waiting for the model.
+        The API is stateless: each request carries the conversation so far; the engine finds the longest cached
+        prefix (the conversation's earlier turns, the same image) and prefills only the rest. `streamer` gets
+        the answer's text piece by piece (from the engine's thread: it must not block). `started(request)` is
+        called once the engine accepted the request (valid, the queue not full), before waiting for the answer:
+        `request.cancel()` stops it at the engine's next step.
         """
         processor, model = self.processor, self.model
         context = model.config.text_config.max_position_embeddings
         prompt = processor.apply_chat_template(chat.conversation, add_generation_prompt=True)
-        try:
+        try:  # processor.encode (each <image> expanded) and the image preprocessing, with their checks
             inputs = processor(prompt, images=chat.images or None)
         except ValueError as e:  # a prompt longer than the context; image and <image> counts that differ
             raise APIError(400, str(e), "messages") from None
@@ -277,18 +334,31 @@ class Backend:
             raise APIError(400, f"the prompt is {n_prompt} tokens (each image is {processor.image_seq_length}) and "
                            f"max_tokens is {max_tokens}: together more than the model's context of {context} tokens. "
                            f"Shorten the conversation or lower max_tokens", "max_tokens")
+        request = EngineRequest(inputs["input_ids"][0].tolist(), inputs.get("pixel_values"), max_new_tokens=max_tokens,
+                                temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
+                                stop_strings=STOP + chat.stop, stream=streamer)
+        try:
+            self.engine.submit(request)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy, {e}", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER)}) from None
+        except ValueError as e:  # what the engine checks again (sampling settings, the context)
+            raise APIError(400, str(e)) from None
         if started:
-            started()
-        with self.lock:
-            new = model.generate(inputs["input_ids"], inputs.get("pixel_values"), max_new_tokens=max_tokens,
-                                 temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
-                                 stop_strings=STOP + chat.stop, tokenizer=processor, streamer=streamer)
-        ids = new[0].tolist()
-        eos, pad = model.config.text_config.eos_token_id, model.config.pad_token_id
-        # Every step but the last ended on a stop (EOS, kept; a stop string, cut to padding) or ran out.
-        length = len(ids) == max_tokens and ids[-1] not in {pad, *(eos if isinstance(eos, list) else [eos])}
-        return {"text": processor.decode(new[0], skip_special_tokens=True), "finish_reason": "length" if length else "stop",
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(ids), "total_tokens": n_prompt + len(ids)}}
+            started(request)
+        try:
+            request.result()
+        except Cancelled:
+            self.metrics.done(request, "cancelled")
+            raise
+        except Exception:
+            self.metrics.done(request, "error")
+            raise
+        self.metrics.done(request, request.finish_reason)
+        n_new = len(request.tokens)
+        return {"text": request.text, "finish_reason": request.finish_reason,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new,
+                          "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}}
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -298,7 +368,8 @@ def make_app(backend: Backend, model_id: str, max_body_mb: float = MAX_BODY_MB,
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
@@ -308,12 +379,13 @@ def make_app(backend: Backend, model_id: str, max_body_mb: float = MAX_BODY_MB,
     async def lifespan(app):
         backend.start()  # after the socket is bound: clients get 503 while it loads, not "connection refused"
         yield
+        backend.close()
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)  # 404, 405: the same JSON shape
     async def http_error(request, e: HTTPException):
@@ -351,6 +423,10 @@ def make_app(backend: Backend, model_id: str, max_body_mb: float = MAX_BODY_MB,
         backend.check_ready()
         return {"status": "ready", "model": model_id}
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(backend.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "vipllava"}]}
@@ -377,37 +453,46 @@ def make_app(backend: Backend, model_id: str, max_body_mb: float = MAX_BODY_MB,
         check_model(body, model_id)
         chat = await run_in_threadpool(parse_request, body, max_pixels, allow_urls)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
-        if not chat.stream:
-            result = await run_in_threadpool(backend.answer, chat)
-            return {**head, "object": "chat.completion", "usage": result["usage"], "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": result["text"]},
-                "finish_reason": result["finish_reason"], "logprobs": None}]}
-        events = await run_in_threadpool(stream, backend, chat, head)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        events = await stream(backend, chat, head)  # an invalid request raises its APIError here
+        if chat.stream:
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        async for result in events:  # the non-streaming answer is the stream's last item: its result
+            pass
+        return {**head, "object": "chat.completion", "usage": result["usage"], "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": result["text"]},
+            "finish_reason": result["finish_reason"], "logprobs": None}]}
 
     return app
 
 
-def stream(backend: Backend, chat: Chat, head: dict):
-    """Start answering in a thread; once the request proved valid, the server-sent events of the answer.
+async def stream(backend: Backend, chat: Chat, head: dict):
+    """Start answering in a thread; once the engine accepted the request, the server-sent events of the answer
+    (for a non-streaming request: nothing but, at the end, the answer's dict).
 
-    An invalid request raises its APIError here, so that it gets its status code instead of a 200 stream.
+    An invalid request (or a full queue) raises its APIError here, so that it gets its status code instead of a
+    200 stream. No thread waits for tokens: the engine's thread hands each piece to this event loop.
     """
-    events, gone = queue.Queue(), threading.Event()
+    loop, events, accepted = asyncio.get_running_loop(), asyncio.Queue(), []
 
-    def streamer(piece):
-        if gone.is_set():
-            raise Cancelled()
-        events.put(("text", piece))
+    def put(kind, value):  # from the engine's thread or the answering one
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+    def started(request):
+        accepted.append(request)
+        put("started", None)
 
     def work():
         try:
-            events.put(("done", backend.answer(chat, streamer, started=lambda: events.put(("started", None)))))
+            text = (lambda piece: put("text", piece)) if chat.stream else None
+            put("done", backend.answer(chat, text, started))
         except Exception as e:  # APIError before "started"; Cancelled or a bug after it
-            events.put(("error", e))
+            put("error", e)
 
     threading.Thread(target=work, name="answer", daemon=True).start()
-    kind, value = events.get()
+    kind, value = await events.get()
     if kind == "error":
         raise value
 
@@ -418,30 +503,44 @@ def stream(backend: Backend, chat: Chat, head: dict):
         return sse({**head, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
 
-    def generate_events():
+    async def generate_events():
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            if chat.stream:
+                yield chunk({"role": "assistant", "content": ""})
             while True:
-                kind, value = events.get()
+                kind, value = await events.get()
                 if kind == "text" and value:
                     yield chunk({"content": value})
+                elif kind == "done" and not chat.stream:
+                    yield value
+                    return
                 elif kind == "done":
                     yield chunk({}, value["finish_reason"])
                     if chat.include_usage:
                         yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": value["usage"]})
                     yield "data: [DONE]\n\n"
                     return
+                elif kind == "error" and not chat.stream:
+                    raise value  # the app's handler: 500, traceback to the log
                 elif kind == "error":  # after the 200 header only an error event can say so
                     log("".join(traceback.format_exception(value)))
                     yield sse(error_body(500, f"internal server error ({type(value).__name__}); see the server's log"))
                     return
         finally:
-            gone.set()  # the client has the whole answer, or went away: a generation still running stops
+            # The client has the whole answer (this does nothing), or went away (Starlette cancels this generator
+            # at its await, or closes it): the engine drops the request at its next step and frees its slot.
+            accepted[0].cancel()
 
     return generate_events()
 
 
 # ---------------------------------------------------------------------------- command line
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="server.py", description="Serve ViP-LLaVA with the OpenAI chat API, and a "
                                 "page at / to draw on a photo and ask about it.")
@@ -459,6 +558,9 @@ def parse_args(argv=None):
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="largest request body (413 above)")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest image (413 above)")
+    p.add_argument("--max-slots", type=positive, default=None, help="conversations answered at once, each a KV cache "
+                   "row of the full context (default: as many as half the free memory holds, 1 to 16; printed)")
+    p.add_argument("--max-queue", type=positive, default=MAX_QUEUE, help="requests waiting for a slot; more get 429")
     return p.parse_args(argv)
 
 
@@ -485,7 +587,8 @@ def main(argv=None):
 
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
-    backend = Backend(lambda: load(args), on_failure=lambda: setattr(server, "should_exit", True))
+    backend = Backend(lambda: load(args), on_failure=lambda: setattr(server, "should_exit", True),
+                      max_slots=args.max_slots, max_queue=args.max_queue)
     config.app = make_app(backend, args.model, args.max_body_mb, args.max_image_pixels, args.allow_urls)
     log(f"serving on http://{args.host}:{args.port}/ (the page) and http://{args.host}:{args.port}/v1 (the API); "
         f"loading {args.model}")

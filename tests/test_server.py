@@ -40,6 +40,7 @@ def data_url(raw: bytes, kind="png") -> str:
 CAT_URL = data_url(CAT.read_bytes())
 BOX = {"shape": "box", "coords": [125, 75, 215, 155], "color": "red"}
 MODEL = "tiny-random-vipllava"  # the short name of the served checkpoint folder (see `checkpoint`)
+SLOTS = 4  # the server's --max-slots: conversations in its engine at once
 
 
 def image_part(url=CAT_URL, marks=(BOX,)):
@@ -72,8 +73,8 @@ def url(checkpoint, tmp_path_factory):
     """The server in a subprocess; its stderr goes to a file, checked at the end for tracebacks."""
     port, log = free_port(), tmp_path_factory.mktemp("log") / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--model", str(checkpoint), "--port", str(port)],
-                                cwd=ROOT, stdout=err, stderr=err)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--model", str(checkpoint), "--port", str(port),
+                                 "--max-slots", str(SLOTS)], cwd=ROOT, stdout=err, stderr=err)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):  # up to 60 s to start and load
@@ -114,6 +115,47 @@ def template_user(text, image=True):
 
 def cat_with_box():
     return draw_visual_prompt(load_image(CAT), "box", BOX["coords"], "red")
+
+
+def prompt_ids(library, messages, images) -> list[int]:
+    """The ids the server submits for this conversation (the system line it adds, each <image> expanded)."""
+    _, processor = library
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}] + messages
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return processor(prompt, images=images)["input_ids"][0].tolist()
+
+
+def common_prefix(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def metrics(url) -> dict:
+    """GET /metrics parsed: {(sample name, labels as a sorted tuple): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def wait_for(condition, what: str):
+    """Poll until condition() holds (the engine's thread gets there on its own time); no timing is checked."""
+    for _ in range(1200):
+        if condition():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"still waiting for {what}")
+
+
+def new_tokens(library, messages, images, n) -> list[int]:
+    """generate's answer tokens for the conversation (greedy, with the server's stop string)."""
+    model, processor = library
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}] + messages
+    inputs = processor(processor.apply_chat_template(conversation, add_generation_prompt=True), images=images)
+    new = model.generate(inputs["input_ids"], inputs.get("pixel_values"), max_new_tokens=n, stop_strings=["###"],
+                         tokenizer=processor)
+    return new[0].tolist()
 
 
 def test_answer_and_stream_equal_the_library_greedy_answer(client, library):
@@ -288,6 +330,15 @@ def test_group_size_reaches_the_int4_model(checkpoint):
     assert server.parse_args(["--quantize", "int4"]).group_size is None  # from_pretrained's default, as cli.py
 
 
+def test_max_slots_defaults_to_the_engines_choice_and_max_queue_to_64():
+    args = server.parse_args([])
+    assert (args.max_slots, args.max_queue) == (None, 64)  # None: Engine sizes the slots from free memory
+    args = server.parse_args(["--max-slots", "3", "--max-queue", "5"])
+    assert (args.max_slots, args.max_queue) == (3, 5)
+    with pytest.raises(SystemExit):
+        server.parse_args(["--max-queue", "0"])
+
+
 def test_models_lists_the_served_model(client, checkpoint):
     assert [m.id for m in client.models.list()] == [str(checkpoint)]
 
@@ -409,6 +460,11 @@ def test_page_draw_a_box_ask_and_see_the_streamed_answer(url, library, tmp_path)
             assert messages[0]["content"][0] == part and messages[1]["content"] == expected
             assert messages[2]["content"] == "And what colour is it?"
             page.wait_for_function("document.querySelectorAll('.assistant[data-done=true]').length == 2", timeout=120_000)
+            # Its earlier turn (the photo included) came from the server's prefix cache: the answer's tooltip says so.
+            first_turn = prompt_ids(library, [template_user("What is inside the red box?")], [image])
+            follow_up = page.query_selector_all(".assistant[data-done=true]")[1]
+            assert int(follow_up.get_attribute("data-cached")) >= len(first_turn) - 3
+            assert "from the cache" in follow_up.get_attribute("title")
             shot = Path(os.environ.get("SCREENSHOT") or tmp_path / "server_page.png")
             page.screenshot(path=str(shot))
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -429,3 +485,162 @@ def test_page_draw_a_box_ask_and_see_the_streamed_answer(url, library, tmp_path)
             assert not offsite, offsite
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------- the engine behind the server
+ARROW = {"shape": "arrow", "coords": [400, 250, 300, 160], "color": "lime"}
+BLUE_BOX = {**BOX, "color": "blue"}
+
+
+def test_concurrent_requests_with_different_images_each_equal_generate_alone(client, library):
+    """Four conversations in the engine at once (different images, questions and lengths): each answer is the
+    one `generate` gives for it alone."""
+    def marked(marks):
+        image = load_image(CAT)
+        for m in marks:
+            image = draw_visual_prompt(image, m["shape"], m["coords"], m["color"])
+        return image
+
+    cases = [([BOX], "What is in the red box?", 12), ([ARROW], "Where does the green arrow point?", 20),
+             ([], "What animal is this?", 6), (None, "Tell me a story about a cat.", 16)]
+    expected = []
+    for marks, question, n in cases:
+        images = None if marks is None else [marked(marks)]
+        text, n_prompt, n_new = library_answer(library, [template_user(question, marks is not None)], images, n)
+        expected.append((text, n_prompt, n_new))
+    results, errors = [None] * len(cases), []
+
+    def one(i):
+        marks, question, n = cases[i]
+        try:
+            part = False if marks is None else image_part(marks=marks)
+            r = client.chat.completions.create(model=MODEL, messages=[ask(question, part)], max_tokens=n)
+            results[i] = (r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens)
+        except Exception as e:  # reported below, so that a failure names its request
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and results == expected
+
+
+def test_follow_up_reuses_the_cached_conversation_and_another_image_does_not(client, library):
+    """A follow-up resends the first turn: its prompt up to the first answer comes from the slot's cache
+    (usage.prompt_tokens_details.cached_tokens), and the answer is still generate's for the whole prompt. The
+    same words about another image share only the text before the image."""
+    question = "Which colour is the box? (the prefix cache test)"
+    turn1 = [template_user(question)]
+    first, n1, n_new = library_answer(library, turn1, [cat_with_box()], 8)
+    assert n_new == 8  # ran to its length: the slot holds the prompt and the first 7 answer tokens (fed back)
+    first_ids = prompt_ids(library, turn1, [cat_with_box()])
+    _, processor = library
+    r1 = client.chat.completions.create(model=MODEL, max_tokens=8, messages=[ask(question)])
+    assert r1.choices[0].message.content == first and r1.choices[0].finish_reason == "length"
+
+    history = turn1 + [{"role": "assistant", "content": [{"type": "text", "text": first}]},
+                       template_user("And what is next to it?", image=False)]
+    follow_ids = prompt_ids(library, history, [cat_with_box()])
+    expected, n2, _ = library_answer(library, history, [cat_with_box()], 8)
+    messages = [ask(question), {"role": "assistant", "content": first}, ask("And what is next to it?", False)]
+    r2 = client.chat.completions.create(model=MODEL, max_tokens=8, messages=messages)
+    assert r2.choices[0].message.content == expected and r2.usage.prompt_tokens == n2 == len(follow_ids)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    new = new_tokens(library, turn1, [cat_with_box()], 8)
+    assert cached == common_prefix(follow_ids, first_ids + new[:7])  # what the first request left in its slot
+    assert n1 - 3 <= cached < n2  # the whole first turn, give or take where the answer's text re-tokenizes
+
+    # The same follow-up once more, streamed: the slot now holds all of it, and only its last token is prefilled.
+    chunks = list(client.chat.completions.create(model=MODEL, max_tokens=8, messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == n2 - 1
+
+    # Another image (a blue box), the same words: nothing past the text before the image can be reused.
+    blue = draw_visual_prompt(load_image(CAT), "box", BOX["coords"], "blue")
+    other, _, _ = library_answer(library, history, [blue], 8)
+    before_image = prompt_ids(library, history, [blue]).index(processor.image_token_id)
+    r3 = client.chat.completions.create(model=MODEL, max_tokens=8, messages=[
+        ask(question, image_part(marks=[BLUE_BOX])), {"role": "assistant", "content": first},
+        ask("And what is next to it?", False)])
+    assert r3.choices[0].message.content == other
+    assert 0 < r3.usage.prompt_tokens_details.cached_tokens <= before_image
+
+
+def test_a_stream_the_client_leaves_is_cancelled_and_the_server_goes_on(url, client, library):
+    cancelled = ("vipllava_requests_finished_total", (("reason", "cancelled"),))
+    before = metrics(url).get(cancelled, 0)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True,
+            "max_tokens": 1900}  # greedy, this runs past 1500 tokens without a stop (text-only, tiny checkpoint)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # one piece of the answer, then the client goes away
+    wait_for(lambda: metrics(url).get(cancelled, 0) == before + 1, "the request to be cancelled")
+    wait_for(lambda: metrics(url)[("vipllava_requests_running", ())] == 0, "no request running")
+    expected, _, _ = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 10)
+    r = client.chat.completions.create(model=MODEL, messages=[ask("What is in the red box?")], max_tokens=10)
+    assert r.choices[0].message.content == expected
+
+
+def test_metrics_name_the_engines_counters_and_count_a_request(url, client):
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    for name in ("vipllava_requests_running", "vipllava_requests_waiting", "vipllava_generated_tokens_total",
+                 "vipllava_prefix_cached_tokens_total", "vipllava_prompt_tokens_total",
+                 "vipllava_time_to_first_token_seconds_bucket"):
+        assert f"\n{name}" in r.text, name
+    before = metrics(url)
+    assert before[("vipllava_slots", ())] == SLOTS  # --max-slots reached the engine
+    answer = client.chat.completions.create(model=MODEL, messages=[ask("How many cats?")], max_tokens=5)
+    after = metrics(url)
+    grown = after[("vipllava_generated_tokens_total", ())] - before[("vipllava_generated_tokens_total", ())]
+    assert grown >= answer.usage.completion_tokens > 0  # tokens a stop string cut off were generated too
+    count = ("vipllava_time_to_first_token_seconds_count", ())
+    assert after[count] == before[count] + 1
+    prompt = ("vipllava_prompt_tokens_total", ())
+    assert after[prompt] - before[prompt] == answer.usage.prompt_tokens
+
+
+def test_a_full_queue_is_429_with_retry_after_and_the_waiting_request_is_answered(library):
+    """In process, one slot and a queue of one: a request whose stream holds the engine's thread (so nothing
+    moves), one waiting, then the next is refused with 429 before any stream starts."""
+    from fastapi.testclient import TestClient
+
+    story, _, _ = library_answer(library, [template_user("Tell me a story.", image=False)], None, 12)
+    expected, _, _ = library_answer(library, [template_user("What is in the red box?")], [cat_with_box()], 6)
+    blocked, release, results = threading.Event(), threading.Event(), {}
+
+    def hold(piece):  # called from the engine's thread: while it waits, the engine does not step
+        blocked.set()
+        release.wait(120)
+
+    backend = server.Backend(lambda: library, max_slots=1, max_queue=1)
+    with TestClient(server.make_app(backend, MODEL)) as http:
+        try:
+            assert backend.ready.wait(60) and backend.engine.max_slots == 1
+            story_chat = server.parse_request(chat({"role": "user", "content": "Tell me a story."}, max_tokens=12),
+                                              server.MAX_IMAGE_PIXELS, False)
+            first = threading.Thread(target=lambda: results.update(story=backend.answer(story_chat, hold)))
+            first.start()
+            assert blocked.wait(60)
+            waiting = threading.Thread(target=lambda: results.update(waiting=http.post(
+                "/v1/chat/completions", json=chat(ask("What is in the red box?"), max_tokens=6))))
+            waiting.start()
+            wait_for(lambda: backend.engine.inbox.qsize() + backend.engine.n_waiting == 1, "a request waiting")
+            for stream in (False, True):
+                r = http.post("/v1/chat/completions", json=chat(ask("hi", False), stream=stream))
+                assert r.status_code == 429, r.text
+                assert int(r.headers["retry-after"]) > 0
+                error = r.json()["error"]
+                assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+                assert "try again" in error["message"]
+        finally:
+            release.set()
+        first.join(120)
+        waiting.join(120)
+        assert results["story"]["text"] == story
+        assert results["waiting"].status_code == 200
+        assert results["waiting"].json()["choices"][0]["message"]["content"] == expected
