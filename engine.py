@@ -231,8 +231,6 @@ class Engine:
                 log(f"engine: {type(e).__name__}: {e}")
                 for r in [*self.prefilling, *self.running]:
                     self.finish(r, e)
-            # counted again after the step, not only before it: the last request's leaving must read 0 while idle
-            self.n_waiting, self.n_running = len(self.waiting), len(self.prefilling) + len(self.running)
         for r in [*self.waiting, *self.prefilling, *self.running]:
             self.finish(r, Cancelled("the engine was closed"))
 
