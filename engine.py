@@ -198,6 +198,8 @@ class Engine:
                              f"image(s) give {n_images * self.per_image}: expand each <image> with processor.encode")
         sampling = sampling_settings(self.model.generation_config, request.temperature, request.top_k,
                                      request.top_p, request.repetition_penalty)  # raises on bad values
+        if self.stopping:
+            raise Cancelled("the engine was closed")
         if self.n_waiting >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are already waiting: try again in a few seconds")
         request.key = prefix_key(request.ids, self.image_token, image_hashes(request.pixel_values), self.per_image)
@@ -215,24 +217,34 @@ class Engine:
 
     # ------------------------------------------------------------------------ the engine's thread
     def loop(self):
-        while not self.stopping:
-            busy = self.waiting or self.prefilling or self.running
-            try:
-                item = self.inbox.get() if not busy else self.inbox.get_nowait()  # sleep while there is nothing
-                while item is not None:
+        try:
+            while not self.stopping:
+                busy = self.waiting or self.prefilling or self.running
+                try:
+                    item = self.inbox.get() if not busy else self.inbox.get_nowait()  # sleep while there is nothing
+                    while item is not None:
+                        self.waiting.append(item)
+                        item = self.inbox.get_nowait()
+                except queue.Empty:
+                    pass
+                try:
+                    with torch.inference_mode():
+                        self.step()
+                except Exception as e:  # a bug in a step fails the requests in it; the engine keeps serving
+                    log(f"engine: {type(e).__name__}: {e}")
+                    for r in [*self.prefilling, *self.running]:
+                        self.finish(r, e)
+        except BaseException as e:  # the thread itself broke: nobody may wait for it forever
+            log(f"engine: stopped by {type(e).__name__}: {e}")
+            raise
+        finally:
+            self.stopping = True  # submit refuses from now on
+            while not self.inbox.empty():
+                item = self.inbox.get_nowait()
+                if item is not None:
                     self.waiting.append(item)
-                    item = self.inbox.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                with torch.inference_mode():
-                    self.step()
-            except Exception as e:  # a bug in a step fails the requests in it; the engine keeps serving
-                log(f"engine: {type(e).__name__}: {e}")
-                for r in [*self.prefilling, *self.running]:
-                    self.finish(r, e)
-        for r in [*self.waiting, *self.prefilling, *self.running]:
-            self.finish(r, Cancelled("the engine was closed"))
+            for r in [*self.waiting, *self.prefilling, *self.running]:
+                self.finish(r, Cancelled("the engine was closed"))
 
     def step(self):
         for r in [r for r in [*self.waiting, *self.prefilling, *self.running] if r.cancelled]:

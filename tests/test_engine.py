@@ -191,6 +191,30 @@ def test_an_error_in_one_request_leaves_the_others_alone(pair, images, engine):
     assert e.submit(request(requests[0][0], **requests[0][1])).result(timeout=60).tokens == want[0]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_whose_thread_dies_fails_its_requests_instead_of_hanging(pair, images, engine):
+    """Not even a bug outside a step's error handling may leave a caller (a server's request) waiting forever."""
+    model, processor = pair
+    e = engine(max_slots=1)
+
+    class Broken(BaseException):
+        pass
+
+    def die(rows):
+        raise Broken("the engine's thread broke")
+
+    e.decode = die
+    inp = inputs(processor, conversation(QUESTIONS[0]), images[0])
+    running, waiting = e.submit(request(inp, max_new_tokens=5)), e.submit(request(inp, max_new_tokens=5))
+    for r in (running, waiting):
+        with pytest.raises(Cancelled, match="closed"):
+            r.result(timeout=60)
+    e.thread.join(60)
+    assert not e.thread.is_alive()
+    with pytest.raises(Cancelled, match="closed"):
+        e.submit(request(inp, max_new_tokens=5))
+
+
 def test_a_full_queue_refuses_and_bad_requests_fail_in_the_caller(pair, images, engine):
     model, processor = pair
     e = engine(max_slots=1, max_queue=1)
