@@ -115,7 +115,8 @@ def parse_args(argv=None):
                              "0 when all were; 2 for a usage error.")
     q.add_argument("--questions", metavar="IN.jsonl", help='answer every line {"question_id", "image", "text", ...}')
     q.add_argument("--answers", metavar="OUT.jsonl", help="append the answers here; a rerun skips those already in it")
-    q.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    q.add_argument("--batch-size", type=int, default=8,
+                   help="questions answered at once (the engine's slots: a finished answer's slot takes the next one)")
     q.add_argument("--merge", action="store_true", help="only merge the part files of a torchrun into --answers")
     p.set_defaults(marks=[])
     args = p.parse_args(negative_coordinates(sys.argv[1:] if argv is None else list(argv)))

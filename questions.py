@@ -6,9 +6,12 @@ line in the shape of the original repo's `llava/eval` scripts, {"question_id", "
 "model_id", "metadata"}, plus "prompt_tokens" and "new_tokens"; a line that cannot be answered gets
 {"question_id", "line", "error"} instead, and the run goes on.
 
-- Batched: questions are sorted by prompt length and cut into batches, so left padding stays small; a
-  background thread loads, marks and preprocesses the next batches' images while the model runs.
-  Greedy answers are the same as one question at a time (the tests check it).
+- Continuous batching: the questions go through engine.py's Engine with --batch-size slots. A question whose
+  answer ends (EOS, "###" or --max-new-tokens) frees its slot for the next one at once, so a short answer never
+  waits for the longest of a static batch. A background thread loads, marks and preprocesses the images and
+  keeps at most 2 x --batch-size questions submitted ahead (memory stays bounded); answers are written as they
+  finish. Greedy answers are the same as one question at a time through `generate` (the tests check it); with
+  sampling each question draws from its own generator seeded with --seed, whatever else runs beside it.
 - Resumable: each answer is appended and flushed as it is made; a rerun skips the question_ids (and the
   error lines) already in the file; a half-written last line (a hard kill) is dropped. Ctrl-C and SIGTERM
   stop between two lines. At the end the file is rewritten in input order.
@@ -44,7 +47,7 @@ class Question:
     visual_prompts: list = field(default_factory=list)
     system: str | None = None
     prompt: str = ""  # the chat prompt, filled in by plan
-    length: int = 0  # its number of tokens, <image> expanded
+    ids: list = field(default_factory=list)  # its token ids, <image> expanded (processor.encode), by plan
 
 
 # ---------------------------------------------------------------------------- reading the files
@@ -179,8 +182,8 @@ def barrier():
 
 # ---------------------------------------------------------------------------- answering
 def plan(entries: list, done: set, processor, args, context: int) -> tuple[list, list]:
-    """This rank's questions not in `done`, sorted by prompt length into batches; and error records for the
-    bad lines among them (and for prompts too long for the model)."""
+    """This rank's questions not in `done`, in file order, each with its prompt and ids; and error records for
+    the bad lines among them (and for prompts too long for the model)."""
     from processor import SYSTEM_PROMPT
 
     rank, size, _ = world()
@@ -200,14 +203,13 @@ def plan(entries: list, done: set, processor, args, context: int) -> tuple[list,
         conversation = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         e.prompt = processor.apply_chat_template(conversation + [{"role": "user", "content": content}],
                                                  add_generation_prompt=True, template=args.template)
-        e.length = len(processor.encode(e.prompt))  # each <image> expanded, as the processor tokenizes it
-        if e.length + args.max_new_tokens > context:
-            errors.append(error_record(e, f"the prompt has {e.length} tokens; with --max-new-tokens "
+        e.ids = processor.encode(e.prompt)  # each <image> expanded, as the processor tokenizes it
+        if len(e.ids) + args.max_new_tokens > context:
+            errors.append(error_record(e, f"the prompt has {len(e.ids)} tokens; with --max-new-tokens "
                                           f"{args.max_new_tokens} that is more than the model's context of {context}"))
             continue
         todo.append(e)
-    todo.sort(key=lambda q: (q.length, q.line))
-    return [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)], errors
+    return todo, errors
 
 
 def error_record(q: Question, message: str) -> dict:
@@ -228,31 +230,48 @@ def load_marked(q: Question):
     return image
 
 
-def prepare(batches, processor, image_mode: str, stop: threading.Event, ready: queue.Queue):
-    """Background thread: for each batch, (questions, inputs, error records) onto `ready`; None at the end."""
-    def put(item):
-        while not stop.is_set():
-            try:
-                return ready.put(item, timeout=0.1)
-            except queue.Full:
-                pass
+class Finished(threading.Event):
+    """A request's `done` event that also puts the request on a queue when set (by the engine's thread), so
+    that the main thread writes each answer the moment it is complete, in whatever order they finish."""
+
+    def __init__(self, finished: queue.Queue):
+        super().__init__()
+        self.finished, self.request = finished, None
+
+    def set(self):
+        super().set()
+        self.finished.put(self.request)
+
+
+def feed(todo: list, processor, engine, settings: dict, image_mode: str, room: threading.Semaphore,
+         stop: threading.Event, finished: queue.Queue):
+    """Background thread: load, mark and preprocess each question's image and submit it to the engine, at most
+    `room` ahead of the answers written. A question whose image fails goes on `finished` as (question, error
+    message); an exception of this thread goes there too, for the main thread to raise."""
+    from engine import Request
 
     try:
-        for batch in batches:
-            good, images, errors = [], [], []
-            for q in batch:
-                try:
-                    images.append(load_marked(q))
-                    good.append(q)
-                except (OSError, ValueError, TypeError) as e:
-                    errors.append(error_record(q, f"image {q.image}: {e}"))
-            inputs = processor([q.prompt for q in good], images=[[im] for im in images], image_mode=image_mode) if good else None
-            put((good, inputs, errors))
+        for q in todo:
+            while not room.acquire(timeout=0.1):  # the main thread releases one per answer written
+                if stop.is_set():
+                    return
             if stop.is_set():
                 return
-        put(None)
+            try:
+                image = load_marked(q)
+            except (OSError, ValueError, TypeError) as e:
+                finished.put((q, f"image {q.image}: {e}"))
+                continue
+            pixel_values = processor.image_processor([image], image_mode)["pixel_values"]  # (1, 3, H, W)
+            done = Finished(finished)
+            request = done.request = Request(q.ids, pixel_values, done=done, **settings)
+            request.question = q
+            try:
+                engine.submit(request)
+            except ValueError as e:  # plan checked the length: not expected, but one question's fault
+                finished.put((q, str(e)))
     except BaseException as e:  # handed to the main thread, which raises it
-        put(e)
+        finished.put(e)
 
 
 class Stopper:
@@ -277,15 +296,11 @@ class Stopper:
             raise KeyboardInterrupt
 
 
-def new_length(row, pad: int) -> int:
-    """Number of generated tokens in a row of generate's output (finished rows are padded at the end)."""
-    real = (row != pad).nonzero()
-    return int(real[-1]) + 1 if len(real) else 0
-
-
-def answer(args, model, processor, generation: dict | None = None):
+def answer(args, model, processor):
     """Answer this rank's share of args.questions into args.answers (or its part file); rank 0 merges."""
     from huggingface_hub.utils import tqdm
+
+    from engine import Engine
 
     rank, size, _ = world()
     answers = Path(args.answers)
@@ -293,23 +308,23 @@ def answer(args, model, processor, generation: dict | None = None):
     out_path = answers if size == 1 else answers.with_name(f"{answers.name}.part{rank}-of-{size}")
     read_records(out_path, truncate=True)  # a half line from a killed run is cut before we append
     done = set().union(*(done_keys(read_records(p)) for p in [answers, *part_files(answers)]))
-    batches, errors = plan(entries, done, processor, args, model.config.text_config.max_position_embeddings)
+    todo, errors = plan(entries, done, processor, args, model.config.text_config.max_position_embeddings)
     model_id = Path(args.model).name if Path(args.model).is_dir() else args.model
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "template",
                                               "image_mode")} | {"dtype": str(model.dtype).removeprefix("torch.")}
-    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                  "top_p": args.top_p, "seed": args.seed, "tokenizer": processor,
-                  "stop_strings": ["###"] if args.template == "vipllava" else None} | (generation or {})
-    pad = model.config.pad_token_id
-    stop, ready = threading.Event(), queue.Queue(maxsize=2)  # two batches prepared ahead
-    thread = threading.Thread(target=prepare, args=(batches, processor, args.image_mode, stop, ready), daemon=True)
-    n_todo = sum(map(len, batches)) + len(errors)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "seed": args.seed,
+                "stop_strings": ["###"] if args.template == "vipllava" else []}
+    n_todo = len(todo) + len(errors)
     if rank == 0:
         log(f"{n_todo} question(s) to answer" + (f" on this rank of {size}" if size > 1 else "")
-            + f", {len(batches)} batch(es) of up to {args.batch_size}")
+            + f", up to {args.batch_size} at once")
     bar = tqdm(total=n_todo, unit="q", desc="questions", disable=rank != 0 or None, dynamic_ncols=True)
     stopper = Stopper()
     previous = {s: signal.signal(s, stopper) for s in (signal.SIGINT, signal.SIGTERM)}
+    engine = thread = None
+    stop, finished = threading.Event(), queue.Queue()
+    room = threading.Semaphore(2 * args.batch_size)  # questions submitted but not yet written
     with open(out_path, "a", encoding="utf-8") as out:
         def write(record):
             stopper.write(out, record)
@@ -318,31 +333,40 @@ def answer(args, model, processor, generation: dict | None = None):
             for r in errors:
                 write(r)
             bar.update(len(errors))
-            thread.start()
-            while (item := ready.get()) is not None:
+            if todo:
+                # Cache rows only as long as this file needs (the model's context would be 2 GB a row on the 7B).
+                context = max(len(q.ids) for q in todo) + args.max_new_tokens
+                engine = Engine(model, processor, max_slots=args.batch_size, max_queue=2 * args.batch_size + 1,
+                                context=context)
+                thread = threading.Thread(target=feed, args=(todo, processor, engine, sampling, args.image_mode,
+                                                             room, stop, finished), daemon=True)
+                thread.start()
+            for _ in todo:
+                item = finished.get()  # a finished request, (question, error message) or the feeder's exception
                 if isinstance(item, BaseException):
                     raise item
-                good, inputs, errors = item
-                for r in errors:
-                    write(r)
-                if good:
-                    new = model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                         **generation)  # (B, N)
-                    for q, row, mask in zip(good, new, inputs["attention_mask"]):
-                        text = processor.decode(row, skip_special_tokens=True).strip()
-                        write({"question_id": q.question_id, "prompt": q.text, "text": text,
-                               "prompt_tokens": int(mask.sum()), "new_tokens": new_length(row, pad),
-                               "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}|{q.question_id}").hex,
-                               "model_id": model_id, "metadata": settings})
-                bar.update(len(good) + len(errors))
+                if isinstance(item, tuple):
+                    write(error_record(*item))
+                elif item.error is not None:  # this question failed in the engine; the others go on
+                    write(error_record(item.question, f"{type(item.error).__name__}: {item.error}"))
+                else:
+                    q = item.question
+                    write({"question_id": q.question_id, "prompt": q.text, "text": item.text.strip(),
+                           "prompt_tokens": len(q.ids), "new_tokens": len(item.tokens),
+                           "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}|{q.question_id}").hex,
+                           "model_id": model_id, "metadata": settings})
+                room.release()
+                bar.update(1)
         except KeyboardInterrupt:
             bar.close()
             log(f"interrupted: {out_path} holds every answer made so far; run the same command again to go on")
             raise
         finally:
             stop.set()
-            if thread.is_alive():  # let it finish its image: a thread killed inside torch aborts the process
+            if thread is not None and thread.is_alive():  # let it finish its image: a thread killed inside torch aborts
                 thread.join()
+            if engine is not None:
+                engine.close()  # fails what is still in it (Cancelled, not written) and frees the cache
             for s, handler in previous.items():
                 signal.signal(s, handler)
     bar.close()

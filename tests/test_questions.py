@@ -1,5 +1,6 @@
-"""Question files (questions.py): batched answers equal single-question generate, error records, resuming after
-a kill, two torchrun ranks on the CPU, and --merge; on a tiny checkpoint written here."""
+"""Question files (questions.py): answers through the continuous-batching engine equal single-question generate
+(with answers of mixed lengths), error records, resuming after a kill or an interrupt, two torchrun ranks on the
+CPU, and --merge; on a tiny checkpoint written here."""
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import cli
+import engine
+import questions
 import tiny_checkpoint
 from processor import SYSTEM_PROMPT, VipLlavaProcessor, load_image
 from visual_prompts import draw_visual_prompt
@@ -90,6 +93,22 @@ def run(*args, **kw):
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def single_generate(folder, processor, model, q: dict, n_new: int):
+    """The reference: one question alone through generate (batch 1, no padding); its new tokens (1, N) and
+    prompt length."""
+    image = load_image(Path(folder, q["image"]))
+    for v in q.get("visual_prompts", []):
+        coords = v["coords"] if isinstance(v["coords"], list) else [float(c) for c in v["coords"].split(",")]
+        image = draw_visual_prompt(image, v["shape"], coords, v.get("color", "red"))
+    content = ([] if "<image>" in q["text"] else [{"type": "image"}]) + [{"type": "text", "text": q["text"]}]
+    conversation = [{"role": "system", "content": [{"type": "text", "text": q.get("system", SYSTEM_PROMPT)}]},
+                    {"role": "user", "content": content}]
+    inputs = processor(processor.apply_chat_template(conversation, add_generation_prompt=True), images=[image])
+    new = model.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=n_new, stop_strings=["###"],
+                         tokenizer=processor)
+    return new, inputs["input_ids"].shape[1]
+
+
 def test_batched_answers_equal_single_question_generate(folder, reference):
     lines = (folder / "q.jsonl").read_text().splitlines()
     questions = [json.loads(line) for line in lines[:3] + lines[5:18]]  # the good lines
@@ -98,21 +117,91 @@ def test_batched_answers_equal_single_question_generate(folder, reference):
     processor = VipLlavaProcessor.from_pretrained(folder / "ckpt")
     model = VipLlava.from_pretrained(folder / "ckpt", verbose=False)
     for q, a in zip(questions, answers):
-        image = load_image(Path(folder, q["image"]))
-        for v in q.get("visual_prompts", []):
-            coords = v["coords"] if isinstance(v["coords"], list) else [float(c) for c in v["coords"].split(",")]
-            image = draw_visual_prompt(image, v["shape"], coords, v.get("color", "red"))
-        content = ([] if "<image>" in q["text"] else [{"type": "image"}]) + [{"type": "text", "text": q["text"]}]
-        conversation = [{"role": "system", "content": [{"type": "text", "text": q.get("system", SYSTEM_PROMPT)}]},
-                        {"role": "user", "content": content}]
-        inputs = processor(processor.apply_chat_template(conversation, add_generation_prompt=True), images=[image])
-        new = model.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=N_NEW, stop_strings=["###"],
-                             tokenizer=processor)  # one question alone: batch 1, no padding
+        new, n_prompt = single_generate(folder, processor, model, q, N_NEW)
         assert a["text"] == processor.decode(new[0], skip_special_tokens=True).strip(), q
-        assert a["prompt_tokens"] == inputs["input_ids"].shape[1] and a["new_tokens"] == new.shape[1]
+        assert a["prompt_tokens"] == n_prompt and a["new_tokens"] == new.shape[1]
         assert a["prompt"] == q["text"] and a["model_id"] == "ckpt" and a["metadata"]["max_new_tokens"] == N_NEW
     assert len({a["text"] for a in answers}) > 3  # the questions really get different answers
-    assert len({a["prompt_tokens"] for a in answers}) > 3  # and batches mix lengths (left padding)
+    assert len({a["prompt_tokens"] for a in answers}) > 3  # and the slots hold prompts of different lengths
+
+
+@pytest.fixture(scope="module")
+def eight(folder):
+    """Eight good questions (four images, marked or not, different texts and a system line), and the model."""
+    lines = (folder / "q.jsonl").read_text().splitlines()
+    (folder / "eight.jsonl").write_text("\n".join(lines[:3] + lines[5:10]) + "\n")
+    questions = [json.loads(line) for line in lines[:3] + lines[5:10]]
+    return questions, VipLlavaProcessor.from_pretrained(folder / "ckpt"), VipLlava.from_pretrained(folder / "ckpt",
+                                                                                                     verbose=False)
+
+
+def answer_in_process(folder, model, processor, out, *extra):
+    args = cli.parse_args(["--model", str(folder / "ckpt"), "--questions", str(folder / "eight.jsonl"),
+                           "--answers", str(out), *map(str, extra)])
+    return questions.answer(args, model, processor)
+
+
+def test_engine_answers_of_mixed_lengths_equal_generate_one_at_a_time(folder, eight, tmp_path, monkeypatch):
+    qs, processor, model = eight
+    n_new = 24
+    # Random weights seldom say </s>: make EOS a token that some greedy answers (not all) say before the end.
+    full = [single_generate(folder, processor, model, q, n_new)[0][0].tolist() for q in qs]
+    said = {t for row in full for t in set(row[:n_new - 2])}
+    eos = max(said, key=lambda t: (2 <= sum(t in row[:n_new - 2] for row in full) <= len(full) - 2, t))
+    monkeypatch.setattr(model.generation_config, "eos_token_id", eos)
+    out = tmp_path / "a.jsonl"
+    assert answer_in_process(folder, model, processor, out, "--batch-size", 3, "--max-new-tokens", n_new) == 0
+    answers = records(out)
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in qs]
+    for q, a in zip(qs, answers):  # the engine is closed: generate has the model's cache again
+        new, n_prompt = single_generate(folder, processor, model, q, n_new)
+        assert a["text"] == processor.decode(new[0], skip_special_tokens=True).strip(), q
+        assert a["prompt_tokens"] == n_prompt and a["new_tokens"] == new.shape[1]
+    lengths = [a["new_tokens"] for a in answers]
+    assert sum(n < n_new for n in lengths) >= 2 and sum(n == n_new for n in lengths) >= 2, lengths
+
+
+def test_a_question_that_fails_in_the_engine_is_an_error_record_and_the_others_are_answered(folder, eight, tmp_path,
+                                                                                            monkeypatch):
+    qs, processor, model = eight
+    reference = tmp_path / "reference.jsonl"
+    assert answer_in_process(folder, model, processor, reference, "--batch-size", 3, "--max-new-tokens", 6) == 0
+    prefill = engine.Engine.prefill_chunk_of
+
+    def failing(self, r):
+        if r.question.question_id == "q2":
+            raise RuntimeError("out of memory (a test)")
+        return prefill(self, r)
+
+    monkeypatch.setattr(engine.Engine, "prefill_chunk_of", failing)
+    out = tmp_path / "a.jsonl"
+    assert answer_in_process(folder, model, processor, out, "--batch-size", 3, "--max-new-tokens", 6) == 1
+    got, expected = records(out), records(reference)
+    assert got[2] == {"question_id": "q2", "line": 3, "error": "RuntimeError: out of memory (a test)"}
+    assert got[:2] + got[3:] == expected[:2] + expected[3:]
+
+
+def test_an_interrupted_run_resumes_and_answers_each_question_once(folder, eight, tmp_path, monkeypatch):
+    qs, processor, model = eight
+    reference = tmp_path / "reference.jsonl"
+    assert answer_in_process(folder, model, processor, reference, "--batch-size", 3, "--max-new-tokens", 8) == 0
+    write, written = questions.Stopper.write, []
+
+    def interrupted(self, f, record):  # Ctrl-C after the third answer, with requests still in the engine
+        write(self, f, record)
+        written.append(record)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "a.jsonl"
+    with monkeypatch.context() as m:
+        m.setattr(questions.Stopper, "write", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            answer_in_process(folder, model, processor, out, "--batch-size", 3, "--max-new-tokens", 8)
+    assert len(records(out)) == 3
+    assert model.language_model.model.layers[0].self_attn.kv_cache is None  # the engine was closed: cache freed
+    assert answer_in_process(folder, model, processor, out, "--batch-size", 3, "--max-new-tokens", 8) == 0
+    assert out.read_text() == reference.read_text()  # each question once, in input order, the same answers
 
 
 def test_bad_lines_and_images_give_error_records_and_the_run_goes_on(reference):
