@@ -164,6 +164,7 @@ def main(argv=None):
                   f"(at least {-(-sum(lengths) // b)} steps), {same}/{len(reqs)} answers the same",
                   file=sys.stderr, flush=True)
             rows.append((workload, prompt, a.questions / static_s, a.questions / engine_s, same))
+    print(f"\n{bench.cpu_flags() if a.device == 'cpu' else a.device}")
     print(f"\n| {a.preset}, {a.dtype}, {a.device}, batch size {a.batch_size}, {a.questions} questions, "
           f"{a.min_new}-{a.max_new} new tokens ({sum(lengths)} in all), best of {a.repeats} | static q/s | engine q/s "
           f"| engine / static | answers equal |\n|---|---:|---:|---:|---:|")
