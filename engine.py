@@ -83,8 +83,10 @@ class Request:
         self.cancelled = True
 
     def result(self, timeout: float | None = None) -> "Request":
-        """Wait until the answer is complete; raises the request's error if it failed."""
-        self.done.wait(timeout)
+        """Wait until the answer is complete; raises the request's error if it failed, TimeoutError if it is
+        not complete after `timeout` seconds (it goes on: call again, or cancel it)."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"the answer is not complete after {timeout} s ({len(self.tokens)} tokens so far)")
         if self.error is not None:
             raise self.error
         return self

@@ -164,6 +164,8 @@ def test_a_cancelled_request_frees_its_slot(pair, images, engine):
     assert first_piece.wait(60)
     waiting = inputs(processor, conversation(QUESTIONS[2]), images[1])
     after = e.submit(request(waiting, max_new_tokens=6))  # waits for the only slot
+    with pytest.raises(TimeoutError, match="not complete"):  # never a half answer as if it were whole
+        long.result(timeout=0.01)
     long.cancel()
     with pytest.raises(Cancelled):
         long.result(timeout=60)
