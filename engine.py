@@ -221,14 +221,7 @@ class Engine:
     def loop(self):
         try:
             while not self.stopping:
-                busy = self.waiting or self.prefilling or self.running
-                try:
-                    item = self.inbox.get() if not busy else self.inbox.get_nowait()  # sleep while there is nothing
-                    while item is not None:
-                        self.waiting.append(item)
-                        item = self.inbox.get_nowait()
-                except queue.Empty:
-                    pass
+                self.take_inbox(block=not (self.waiting or self.prefilling or self.running))  # sleep while idle
                 try:
                     with torch.inference_mode():
                         self.step()
@@ -236,17 +229,21 @@ class Engine:
                     log(f"engine: {type(e).__name__}: {e}")
                     for r in [*self.prefilling, *self.running]:
                         self.finish(r, e)
-        except BaseException as e:  # the thread itself broke: nobody may wait for it forever
-            log(f"engine: stopped by {type(e).__name__}: {e}")
-            raise
-        finally:
+        finally:  # closed, or the thread itself broke: nobody may wait for it forever
             self.stopping = True  # submit refuses from now on
-            while not self.inbox.empty():
-                item = self.inbox.get_nowait()
-                if item is not None:
-                    self.waiting.append(item)
+            self.take_inbox(block=False)
             for r in [*self.waiting, *self.prefilling, *self.running]:
                 self.finish(r, Cancelled("the engine was closed"))
+
+    def take_inbox(self, block: bool):
+        """Move submitted requests to `waiting` (up to close's None)."""
+        try:
+            item = self.inbox.get() if block else self.inbox.get_nowait()
+            while item is not None:
+                self.waiting.append(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
 
     def step(self):
         for r in [r for r in [*self.waiting, *self.prefilling, *self.running] if r.cancelled]:

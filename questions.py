@@ -312,9 +312,8 @@ def answer(args, model, processor):
     model_id = Path(args.model).name if Path(args.model).is_dir() else args.model
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "template",
                                               "image_mode")} | {"dtype": str(model.dtype).removeprefix("torch.")}
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "seed": args.seed,
-                "stop_strings": ["###"] if args.template == "vipllava" else []}
+    sampling = {k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")} | {
+        "stop_strings": ["###"] if args.template == "vipllava" else []}
     n_todo = len(todo) + len(errors)
     if rank == 0:
         log(f"{n_todo} question(s) to answer" + (f" on this rank of {size}" if size > 1 else "")

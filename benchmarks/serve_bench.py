@@ -78,7 +78,13 @@ def serve(argv):
     import server
 
     load = server.load
-    server.load = lambda args: (lambda mp: (visible_only(*mp), mp)[1])(load(args))
+
+    def load_visible(args):
+        model, processor = load(args)
+        visible_only(model, processor)
+        return model, processor
+
+    server.load = load_visible
     server.main(argv)
 
 
